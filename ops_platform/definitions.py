@@ -1,0 +1,29 @@
+"""The code location: the asset graph of the spec, with the environment's resources."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ops_platform.assets import backups, infra, releases, snapshots
+from ops_platform.environment import build_resources, get_environment
+from ops_platform.spec import Spec, load_spec
+
+
+def build_assets(spec: Spec) -> list[dg.AssetsDefinition]:
+    return [
+        *infra.build_layer_assets(spec),
+        *backups.build_backup_assets(spec),
+        *backups.build_restore_test_assets(spec),
+        *snapshots.build_snapshot_assets(spec),
+        *releases.build_release_assets(spec),
+    ]
+
+
+def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
+    return dg.Definitions(
+        assets=build_assets(spec),
+        resources=build_resources(spec, environment),
+    )
+
+
+defs = build_definitions(load_spec(), get_environment())

@@ -1,0 +1,1 @@
+"""One ConfigurableResource per external system; ops_platform.environment picks the set."""

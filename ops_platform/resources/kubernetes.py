@@ -1,0 +1,440 @@
+"""The one Kubernetes client wrapper of the project.
+
+:class:`KubernetesClient` is plain Python around the official client's
+``DynamicClient`` so that any kind, built-in or custom, is handled the same
+way: get, list with selectors, server-side apply (with dry run), status patch,
+delete and wait-until. :class:`KubernetesResource` is the Dagster resource that
+builds it from a kubeconfig (``KUBECONFIG`` / ``OPS_KUBE_CONTEXT``) or from the
+pod's service account.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import dagster as dg
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
+from pydantic import Field
+
+from ops_platform.errors import MissingSettingError, OpsPlatformError, ServerUnreachableError
+
+FIELD_MANAGER = "ops-platform"
+CLUSTER_SETTING = "KUBECONFIG / OPS_KUBE_CONTEXT"
+# Fields the API server owns; ignored when deciding whether an apply changed anything.
+_SERVER_FIELDS = ("resourceVersion", "generation", "managedFields", "uid", "creationTimestamp")
+
+
+class KubernetesError(OpsPlatformError):
+    """The API server refused or failed a request."""
+
+
+class WaitTimeout(KubernetesError):
+    """An object did not reach a condition within the time allowed."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What to wait for: a description for people and a predicate on the object.
+
+    The predicate receives the object as a dict, or None while it does not exist.
+    """
+
+    description: str
+    holds: Callable[[dict[str, Any] | None], bool]
+
+
+def condition_true(condition_type: str) -> Condition:
+    """`status.conditions[type=condition_type].status == "True"` (Ready, Available, Established...)."""
+
+    def holds(obj: dict[str, Any] | None) -> bool:
+        return obj is not None and status_condition(obj, condition_type) == "True"
+
+    return Condition(f"have condition {condition_type}=True", holds)
+
+
+def exists() -> Condition:
+    return Condition("exist", lambda obj: obj is not None)
+
+
+def deleted() -> Condition:
+    return Condition("be deleted", lambda obj: obj is None)
+
+
+def status_condition(obj: dict[str, Any], condition_type: str) -> str | None:
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == condition_type:
+            return condition.get("status")
+    return None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    object: dict[str, Any]
+    action: Literal["created", "changed", "unchanged"]
+    dry_run: bool
+
+
+def describe(api_version: str, kind: str, name: str, namespace: str | None) -> str:
+    where = f"{namespace}/{name}" if namespace else name
+    return f"{kind} {where} ({api_version})"
+
+
+class KubernetesClient:
+    """Get, list, apply, patch status, delete and wait on any kind of object.
+
+    Objects go in and come out as plain dicts (the JSON of the API).
+    """
+
+    def __init__(
+        self,
+        api_client: k8s_client.ApiClient,
+        *,
+        field_manager: str = FIELD_MANAGER,
+        request_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api_client = api_client
+        self.field_manager = field_manager
+        self.request_timeout = request_timeout
+        self.clock = clock
+        self._dynamic: DynamicClient | None = None
+
+    @property
+    def host(self) -> str:
+        return self.api_client.configuration.host
+
+    @property
+    def dynamic(self) -> DynamicClient:
+        if self._dynamic is None:
+            cache_file = _discovery_cache_file(self.host)
+            self._dynamic = self._call(
+                "discover the API", lambda: DynamicClient(self.api_client, cache_file=cache_file)
+            )
+        return self._dynamic
+
+    def kind(self, api_version: str, kind: str) -> Any:
+        """The discovered API resource of a kind; a clear error when the cluster does not serve it."""
+        try:
+            return self._call(
+                f"discover {kind} ({api_version})",
+                lambda: self.dynamic.resources.get(api_version=api_version, kind=kind),
+            )
+        except ResourceNotFoundError:
+            raise KubernetesError(
+                f"kubernetes: the cluster at {self.host} does not serve kind {kind} in "
+                f"{api_version} (is its CustomResourceDefinition installed?)"
+            ) from None
+
+    def get(
+        self, api_version: str, kind: str, name: str, namespace: str | None = None
+    ) -> dict[str, Any] | None:
+        resource = self.kind(api_version, kind)
+        try:
+            found = self._call(
+                f"get {describe(api_version, kind, name, namespace)}",
+                lambda: resource.get(name=name, namespace=namespace),
+            )
+        except _NotFound:
+            return None
+        return found.to_dict()
+
+    def list(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        resource = self.kind(api_version, kind)
+        found = self._call(
+            f"list {kind} ({api_version})",
+            lambda: resource.get(
+                namespace=namespace, label_selector=label_selector, field_selector=field_selector
+            ),
+        )
+        return [item.to_dict() if hasattr(item, "to_dict") else dict(item) for item in found.items]
+
+    def apply(
+        self, manifest: dict[str, Any], *, dry_run: bool = False, force: bool = True
+    ) -> ApplyResult:
+        """Server-side apply one object; with ``dry_run`` the server validates and stores nothing."""
+        api_version, kind, name, namespace = _identity(manifest)
+        resource = self.kind(api_version, kind)
+        if not resource.namespaced:
+            namespace = None
+        before = self.get(api_version, kind, name, namespace)
+        applied = self._call(
+            f"apply {describe(api_version, kind, name, namespace)}",
+            lambda: self.dynamic.server_side_apply(
+                resource,
+                body=manifest,
+                name=name,
+                namespace=namespace,
+                field_manager=self.field_manager,
+                force_conflicts=force,
+                dry_run="All" if dry_run else None,
+            ),
+        ).to_dict()
+        if before is None:
+            action: Literal["created", "changed", "unchanged"] = "created"
+        elif _comparable(before) == _comparable(applied):
+            action = "unchanged"
+        else:
+            action = "changed"
+        return ApplyResult(applied, action, dry_run)
+
+    def patch_status(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str | None,
+        status: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Merge-patch the status subresource."""
+        resource = self.kind(api_version, kind)
+        path = resource.path(name=name, namespace=namespace) + "/status"
+        patched = self._call(
+            f"patch status of {describe(api_version, kind, name, namespace)}",
+            lambda: self.dynamic.request(
+                "patch",
+                path,
+                body={"status": status},
+                content_type="application/merge-patch+json",
+                field_manager=self.field_manager,
+            ),
+        )
+        return patched.to_dict()
+
+    def delete(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> bool:
+        """Delete an object; False when it was already gone."""
+        resource = self.kind(api_version, kind)
+        try:
+            self._call(
+                f"delete {describe(api_version, kind, name, namespace)}",
+                lambda: resource.delete(
+                    name=name, namespace=namespace, dry_run="All" if dry_run else None
+                ),
+            )
+        except _NotFound:
+            return False
+        return True
+
+    def wait_for(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str | None,
+        condition: Condition,
+        *,
+        timeout: float,
+    ) -> dict[str, Any] | None:
+        """Block until ``condition`` holds for the object, or raise :class:`WaitTimeout`.
+
+        Watches the object (re-listing after each watch window) so a change is
+        seen as soon as the server reports it.
+        """
+        resource = self.kind(api_version, kind)
+        deadline = self.clock() + timeout
+        what = describe(api_version, kind, name, namespace)
+        current = self.get(api_version, kind, name, namespace)
+        while True:
+            if condition.holds(current):
+                return current
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"kubernetes: timed out after {timeout:g} s waiting for {what} to "
+                    f"{condition.description}; last seen: {_summary(current)}"
+                )
+            for event_type, obj in self._watch(resource, name, namespace, remaining):
+                current = None if event_type == "DELETED" else obj
+                if condition.holds(current):
+                    return current
+            current = self.get(api_version, kind, name, namespace)
+
+    def _watch(
+        self, resource: Any, name: str, namespace: str | None, remaining: float
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        listing = self._call(
+            f"list {resource.kind}",
+            lambda: resource.get(namespace=namespace, field_selector=f"metadata.name={name}"),
+        )
+        resource_version = listing.metadata.resourceVersion
+        window = max(1, min(int(remaining + 0.999), 60))
+        watcher = k8s_watch.Watch()
+        try:
+            stream = self.dynamic.watch(
+                resource,
+                namespace=namespace,
+                name=name,
+                resource_version=resource_version,
+                timeout=window,
+                watcher=watcher,
+            )
+            for event in stream:
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    yield event["type"], event["object"].to_dict()
+        except ApiException as exc:
+            if exc.status != 410:  # 410 Gone: the resourceVersion expired; list again
+                raise self._translate(exc, f"watch {resource.kind} {name}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._unreachable(exc) from None
+        finally:
+            watcher.stop()
+
+    def _call(self, action: str, request: Callable[[], Any]) -> Any:
+        try:
+            return request()
+        except ApiException as exc:
+            if exc.status == 404:
+                raise _NotFound(action) from None
+            raise self._translate(exc, action) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._unreachable(exc) from None
+
+    def _translate(self, exc: ApiException, action: str) -> KubernetesError:
+        message = _status_message(exc)
+        if exc.status in (401, 403):
+            return KubernetesError(
+                f"kubernetes: {action} was refused ({exc.status} {exc.reason}: {message}); "
+                f"check the credentials and RBAC of the identity in {CLUSTER_SETTING}"
+            )
+        return KubernetesError(f"kubernetes: {action} failed ({exc.status} {exc.reason}): {message}")
+
+    def _unreachable(self, exc: BaseException) -> ServerUnreachableError:
+        reason = "connection refused" if "refused" in str(exc).lower() else f"no answer ({type(exc).__name__})"
+        return ServerUnreachableError("kubernetes API", self.host, CLUSTER_SETTING, reason)
+
+
+class _NotFound(Exception):
+    pass
+
+
+def _identity(manifest: dict[str, Any]) -> tuple[str, str, str, str | None]:
+    try:
+        api_version = manifest["apiVersion"]
+        kind = manifest["kind"]
+        name = manifest["metadata"]["name"]
+    except (KeyError, TypeError):
+        raise KubernetesError(
+            "kubernetes: a manifest needs apiVersion, kind and metadata.name; got "
+            f"{ {k: manifest.get(k) for k in ('apiVersion', 'kind')} if isinstance(manifest, dict) else manifest!r}"
+        ) from None
+    return api_version, kind, name, (manifest.get("metadata") or {}).get("namespace")
+
+
+def _comparable(obj: dict[str, Any]) -> dict[str, Any]:
+    metadata = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in _SERVER_FIELDS}
+    rest = {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+    return {"metadata": metadata, **rest}
+
+
+def _summary(obj: dict[str, Any] | None) -> str:
+    if obj is None:
+        return "the object does not exist"
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    if not conditions:
+        return "no status conditions"
+    return ", ".join(
+        f"{c.get('type')}={c.get('status')}" + (f" ({c['message']})" if c.get("message") else "")
+        for c in conditions
+    )
+
+
+def _status_message(exc: ApiException) -> str:
+    import json
+
+    try:
+        return json.loads(exc.body).get("message") or str(exc.body)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.body or exc.reason)
+
+
+_CACHE_DIR: Path | None = None
+
+
+def _discovery_cache_file(host: str) -> str:
+    """A discovery cache private to this process, so no stale file from another run is read."""
+    global _CACHE_DIR
+    if _CACHE_DIR is None:
+        _CACHE_DIR = Path(tempfile.mkdtemp(prefix="ops-platform-kube-"))
+    safe = "".join(ch if ch.isalnum() else "_" for ch in host)
+    return str(_CACHE_DIR / f"discovery-{safe}.json")
+
+
+class KubernetesResource(dg.ConfigurableResource):
+    """Access to one Kubernetes cluster.
+
+    Uses ``kubeconfig`` / ``context`` when given, else the pod's service account
+    when running in a cluster, else the default kubeconfig (~/.kube/config).
+    """
+
+    kubeconfig: str | None = Field(
+        default=None, description="Path of the kubeconfig file (KUBECONFIG)."
+    )
+    context: str | None = Field(
+        default=None, description="kubeconfig context to use (OPS_KUBE_CONTEXT)."
+    )
+    in_cluster: bool | None = Field(
+        default=None,
+        description="Use the pod's service account; default: when running in a pod without a kubeconfig.",
+    )
+    request_timeout: float = Field(default=30.0, description="Seconds per API request.")
+
+    def get_client(self) -> KubernetesClient:
+        return KubernetesClient(self._api_client(), request_timeout=self.request_timeout)
+
+    def _api_client(self) -> k8s_client.ApiClient:
+        in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        use_in_cluster = self.in_cluster if self.in_cluster is not None else (in_pod and not self.kubeconfig)
+        if use_in_cluster:
+            configuration = k8s_client.Configuration()
+            try:
+                k8s_config.load_incluster_config(client_configuration=configuration)
+            except k8s_config.ConfigException as exc:
+                raise MissingSettingError(
+                    "KUBERNETES_SERVICE_HOST", "in-cluster Kubernetes access", str(exc)
+                ) from None
+            return k8s_client.ApiClient(configuration)
+        config_file = self.kubeconfig or os.path.expanduser(k8s_config.KUBE_CONFIG_DEFAULT_LOCATION)
+        files = [path for path in config_file.split(os.pathsep) if path]
+        if not any(Path(path).is_file() for path in files):
+            raise MissingSettingError(
+                "KUBECONFIG",
+                "this operation on the Kubernetes cluster",
+                f"no kubeconfig at {config_file}; set KUBECONFIG (and OPS_KUBE_CONTEXT) "
+                "or run in a pod with a service account",
+            )
+        try:
+            return k8s_config.new_client_from_config(config_file=config_file, context=self.context)
+        except k8s_config.ConfigException as exc:
+            setting = "OPS_KUBE_CONTEXT" if self.context else "KUBECONFIG"
+            raise OpsPlatformError(
+                f"kubernetes: cannot use kubeconfig {config_file}"
+                + (f" context {self.context!r}" if self.context else "")
+                + f": {exc} (check {setting})"
+            ) from None

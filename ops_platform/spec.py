@@ -1,0 +1,492 @@
+"""The platform spec: what the Ontology Editor platform is.
+
+`infra/platform.yaml` (or the file named by ``OPS_PLATFORM_SPEC``) is the one
+input of the asset graph. This module is the one place it is parsed: every
+model forbids unknown keys, and :func:`load_spec` turns any problem into a
+:class:`SpecError` naming the file, the field path and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ops_platform.errors import OpsPlatformError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC_PATH = REPO_ROOT / "infra" / "platform.yaml"
+SPEC_ENV_VAR = "OPS_PLATFORM_SPEC"
+
+# Names become Dagster asset key parts and Kubernetes label values.
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+Owner = Annotated[str, StringConstraints(pattern=r"^(team:[A-Za-z0-9_-]+|[^@\s]+@[^@\s]+\.[^@\s]+)$")]
+Cron = Annotated[str, StringConstraints(pattern=r"^\S+( \S+){4}$")]
+EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")]
+
+PLAYBOOKS = (
+    "restart_workload",
+    "scale_workload",
+    "renew_certificate",
+    "rerun_backup",
+    "expand_pvc",
+    "rollback_deployment",
+)
+Playbook = Literal[
+    "restart_workload",
+    "scale_workload",
+    "renew_certificate",
+    "rerun_backup",
+    "expand_pvc",
+    "rollback_deployment",
+]
+
+# Which backup methods each engine supports (InfraSpec §7.1).
+ENGINE_METHODS: dict[str, tuple[str, ...]] = {
+    "postgresql": ("pgbackrest", "pg_dump"),
+    "redis": ("rdb",),
+    "etcd": ("snapshot",),
+    "elasticsearch": ("snapshot",),
+    "neo4j": ("backup", "dump"),
+    "milvus": ("milvus_backup",),
+    "velero": ("velero",),
+}
+# Connection fields each engine cannot do without.
+ENGINE_CONNECTION_FIELDS: dict[str, tuple[str, ...]] = {
+    "postgresql": ("host", "port", "database", "user"),
+    "redis": ("host", "port"),
+    "etcd": ("endpoints",),
+    "elasticsearch": ("url",),
+    "neo4j": ("url",),
+    "milvus": ("url",),
+    "velero": ("namespace",),
+}
+# Dagster `kinds` tag of each engine.
+ENGINE_KIND: dict[str, str] = {
+    "postgresql": "postgres",
+    "redis": "redis",
+    "etcd": "etcd",
+    "elasticsearch": "elasticsearch",
+    "neo4j": "neo4j",
+    "milvus": "milvus",
+    "velero": "kubernetes",
+}
+
+
+class SpecError(OpsPlatformError):
+    """The platform spec is invalid; the message lists every problem found."""
+
+    def __init__(self, path: Path | str, problems: Iterable[str]) -> None:
+        self.path = str(path)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"invalid platform spec {self.path}:\n{lines}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PlatformInfo(_Model):
+    name: Name
+    environments: list[Name] = Field(min_length=1)
+    timezone: str = "UTC"
+    owner: Owner = "team:platform"
+    history_start: date = date(2026, 1, 1)
+
+    @field_validator("environments")
+    @classmethod
+    def _unique_environments(cls, value: list[str]) -> list[str]:
+        _require_unique(value, "environment")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {value!r}") from exc
+        return value
+
+
+class Objectives(_Model):
+    rto_minutes: PositiveInt
+    rpo_minutes: PositiveInt
+
+
+class Layer(_Model):
+    name: Name
+    title: str
+    plan_section: int = Field(ge=1)
+    manifests: str
+    requires: list[Name] = []
+    owner: Owner | None = None
+
+
+class Connection(_Model):
+    """Where a datastore answers. Which fields are needed depends on the engine."""
+
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    database: str | None = None
+    user: str | None = None
+    password_env: EnvVarName | None = None
+    url: str | None = None
+    endpoints: list[str] | None = None
+    namespace: str | None = None
+    data_dir: str | None = None
+
+
+class Retention(_Model):
+    daily: int = Field(default=7, ge=1)
+    weekly: int = Field(default=4, ge=0)
+
+
+class RestoreTest(_Model):
+    schedule: Cron = "0 4 * * 0"
+    target: Connection
+    rename_prefix: str | None = None
+    verify_sql: list[str] = []
+    verify_keys: list[str] = []
+
+
+class Datastore(_Model):
+    name: Name
+    engine: Literal["postgresql", "redis", "etcd", "elasticsearch", "neo4j", "milvus", "velero"]
+    method: str
+    layer: Name | None = None
+    connection: Connection
+    schedule: Cron = "0 2 * * *"
+    retention: Retention = Retention()
+    restore_test: RestoreTest | None = None
+    owner: Owner | None = None
+
+    @model_validator(mode="after")
+    def _method_and_connection_fit_engine(self) -> Datastore:
+        methods = ENGINE_METHODS[self.engine]
+        if self.method not in methods:
+            raise ValueError(
+                f"method {self.method!r} is not a backup method of {self.engine} "
+                f"(one of: {', '.join(methods)})"
+            )
+        for field_name in ENGINE_CONNECTION_FIELDS[self.engine]:
+            if getattr(self.connection, field_name) is None:
+                raise ValueError(f"connection.{field_name} is required for engine {self.engine}")
+        if self.restore_test is not None and _same_target(self.connection, self.restore_test):
+            raise ValueError(
+                "restore_test.target is the backup source itself; a restore must never "
+                "write to its source (use a scratch host, port, database or data_dir)"
+            )
+        return self
+
+
+class VolumeGroup(_Model):
+    name: Name
+    selector: str
+    namespaces: list[str] = []
+    schedule: Cron = "0 */6 * * *"
+    keep: int = Field(default=8, ge=1)
+    ebs_volume_tags: dict[str, str] = {}
+
+    @field_validator("selector")
+    @classmethod
+    def _selector_syntax(cls, value: str) -> str:
+        term = r"!?[A-Za-z0-9./_-]+(\s*(=|==|!=)\s*[A-Za-z0-9._-]*|\s+(in|notin)\s+\([^)]*\))?"
+        if not re.fullmatch(rf"\s*{term}(\s*,\s*{term})*\s*", value):
+            raise ValueError(f"{value!r} is not a Kubernetes label selector")
+        return value
+
+
+class Certificates(_Model):
+    renew_before_days: PositiveInt = 21
+    fail_below_days: PositiveInt = 14
+    schedule: Cron = "0 6 * * *"
+    endpoints: list[str] = []
+
+    @field_validator("endpoints")
+    @classmethod
+    def _host_port(cls, value: list[str]) -> list[str]:
+        for endpoint in value:
+            host, _, port = endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"endpoint {endpoint!r} is not host:port")
+        _require_unique(value, "endpoint")
+        return value
+
+    @model_validator(mode="after")
+    def _fail_before_renew(self) -> Certificates:
+        if self.fail_below_days >= self.renew_before_days:
+            raise ValueError(
+                f"fail_below_days ({self.fail_below_days}) must be below "
+                f"renew_before_days ({self.renew_before_days})"
+            )
+        return self
+
+
+class Compliance(_Model):
+    exceptions: str = "infra/compliance/exceptions.yaml"
+    schedule: Cron = "0 7 * * 1"
+
+
+class Registry(_Model):
+    account: Annotated[str, StringConstraints(pattern=r"^[0-9]{12}$")]
+    region: str
+
+
+class Service(_Model):
+    name: Name
+    environments: list[Name] = Field(min_length=1)
+    tag_pattern: str = r"^[0-9a-f]{7,40}$"
+    chart: str = "infra/k8s/ontology-editor"
+    namespace: str = "ontology-editor"
+    requires: list[Name] = []
+    owner: Owner | None = None
+
+    @field_validator("tag_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"tag_pattern is not a regular expression: {exc}") from exc
+        if compiled.fullmatch("latest") or compiled.search("latest"):
+            raise ValueError("tag_pattern must not match 'latest' (releases are pinned by git sha)")
+        return value
+
+    def repository(self, environment: str) -> str:
+        """ECR repository of this service in one environment (InfraSpec §2.3)."""
+        return f"{self.name}-{environment}"
+
+
+class Images(_Model):
+    registry: Registry
+    services: list[Service] = []
+
+
+class Remediation(_Model):
+    alert: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_:][A-Za-z0-9_:]*$")]
+    playbook: Playbook
+    matchers: dict[str, str] = {}
+    cooldown_minutes: int = Field(default=30, ge=0)
+    auto_remediate: bool = False
+    namespaces: list[str] = []
+
+
+class Spec(_Model):
+    platform: PlatformInfo
+    objectives: Objectives
+    layers: list[Layer] = []
+    datastores: list[Datastore] = []
+    volumes: list[VolumeGroup] = []
+    certificates: Certificates = Certificates()
+    compliance: Compliance = Compliance()
+    images: Images | None = None
+    remediations: list[Remediation] = []
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Spec:
+        _require_unique([layer.name for layer in self.layers], "layer")
+        _require_unique([store.name for store in self.datastores], "datastore")
+        _require_unique([volume.name for volume in self.volumes], "volume group")
+        if self.images is not None:
+            _require_unique([service.name for service in self.images.services], "service")
+        _require_unique(
+            [(r.alert, tuple(sorted(r.matchers.items()))) for r in self.remediations],
+            "remediation (alert + matchers)",
+        )
+        layer_names = {layer.name for layer in self.layers}
+        for layer in self.layers:
+            for required in layer.requires:
+                if required not in layer_names:
+                    raise ValueError(f"layer {layer.name!r} requires unknown layer {required!r}")
+        _check_acyclic({layer.name: layer.requires for layer in self.layers})
+        for store in self.datastores:
+            if store.layer is not None and store.layer not in layer_names:
+                raise ValueError(f"datastore {store.name!r} names unknown layer {store.layer!r}")
+        if self.images is not None:
+            for service in self.images.services:
+                unknown = [e for e in service.environments if e not in self.platform.environments]
+                if unknown:
+                    raise ValueError(
+                        f"service {service.name!r} deploys to unknown environment(s) "
+                        f"{', '.join(unknown)} (platform.environments: "
+                        f"{', '.join(self.platform.environments)})"
+                    )
+                for required in service.requires:
+                    if required not in layer_names:
+                        raise ValueError(
+                            f"service {service.name!r} requires unknown layer {required!r}"
+                        )
+        return self
+
+    def layer(self, name: str) -> Layer:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def datastore(self, name: str) -> Datastore:
+        return next(store for store in self.datastores if store.name == name)
+
+    def layers_in_order(self) -> list[Layer]:
+        """Layers sorted so that every layer comes after the layers it requires."""
+        ordered: list[Layer] = []
+        placed: set[str] = set()
+        pending = list(self.layers)
+        while pending:
+            ready = [layer for layer in pending if set(layer.requires) <= placed]
+            for layer in ready:
+                ordered.append(layer)
+                placed.add(layer.name)
+                pending.remove(layer)
+        return ordered
+
+
+def _require_unique(values: Iterable[object], what: str) -> None:
+    seen: set[object] = set()
+    duplicates: list[str] = []
+    for value in values:
+        if value in seen:
+            duplicates.append(str(value))
+        seen.add(value)
+    if duplicates:
+        raise ValueError(f"duplicate {what} name(s): {', '.join(sorted(set(duplicates)))}")
+
+
+def _check_acyclic(graph: dict[str, list[str]]) -> None:
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        if state.get(node) == "done":
+            return
+        if state.get(node) == "visiting":
+            cycle = path[path.index(node):] + [node]
+            raise ValueError(f"layer dependency cycle: {' -> '.join(cycle)}")
+        state[node] = "visiting"
+        for required in graph.get(node, []):
+            visit(required, path + [node])
+        state[node] = "done"
+
+    for node in graph:
+        visit(node, [])
+
+
+def _same_target(source: Connection, restore_test: RestoreTest) -> bool:
+    """Whether a restore into the test target would write to the source."""
+    target = restore_test.target
+    if source.data_dir and target.data_dir:
+        if Path(source.data_dir).resolve() == Path(target.data_dir).resolve():
+            return True
+    if source.host and (source.host.lower(), source.port) == ((target.host or "").lower(), target.port):
+        return source.database == target.database
+    if source.url and source.url.rstrip("/") == (target.url or "").rstrip("/"):
+        return source.database == target.database and not restore_test.rename_prefix
+    if source.namespace and not source.host and not source.url:
+        return source.namespace == target.namespace
+    return False
+
+
+def _format_location(loc: tuple[object, ...], raw: object) -> str:
+    """`datastores[0].connection.port`, with list items named where possible."""
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and 0 <= item < len(node):
+                node = node[item]
+                if isinstance(node, dict) and isinstance(node.get("name"), str):
+                    label = f"[{item}:{node['name']}]"
+            else:
+                node = None
+            parts.append(label)
+        else:
+            key = str(item)
+            if isinstance(node, dict) and key in node:
+                node = node[key]
+            elif key in {"function-after", "function-before", "function-wrap"}:
+                continue
+            else:
+                node = None
+            parts.append(("." if parts else "") + key)
+    return "".join(parts) or "(top level)"
+
+
+def parse_spec(raw: object, source: Path | str = "<spec>") -> Spec:
+    """Validate an already-loaded YAML document."""
+    if not isinstance(raw, dict):
+        raise SpecError(source, [f"(top level): expected a mapping, got {type(raw).__name__}"])
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            location = _format_location(tuple(error["loc"]), raw)
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key (not part of the spec)"
+            problems.append(f"{location}: {message}")
+        raise SpecError(source, problems) from None
+
+
+def spec_path(path: Path | str | None = None) -> Path:
+    chosen = path or os.environ.get(SPEC_ENV_VAR) or DEFAULT_SPEC_PATH
+    chosen = Path(chosen)
+    if not chosen.is_absolute():
+        cwd_candidate = Path.cwd() / chosen
+        chosen = cwd_candidate if cwd_candidate.exists() else REPO_ROOT / chosen
+    return chosen
+
+
+def load_spec(path: Path | str | None = None) -> Spec:
+    """Load and validate the spec (``OPS_PLATFORM_SPEC`` or infra/platform.yaml).
+
+    A spec may start with ``extends: <file>`` (relative to itself): it then
+    takes every top-level section of that file that it does not set itself.
+    The sandbox spec uses this to replace the datastores and keep the rest.
+    """
+    source = spec_path(path)
+    raw = _read_yaml(source)
+    if isinstance(raw, dict) and "extends" in raw:
+        base_path = Path(str(raw.pop("extends")))
+        if not base_path.is_absolute():
+            base_path = source.parent / base_path
+        if not base_path.is_file():
+            raise SpecError(source, [f"extends: {base_path} not found"])
+        base = _read_yaml(base_path)
+        if not isinstance(base, dict):
+            raise SpecError(base_path, ["(top level): expected a mapping"])
+        base.pop("extends", None)
+        raw = {**base, **raw}
+    return parse_spec(raw, source)
+
+
+def _read_yaml(source: Path) -> object:
+    try:
+        text = source.read_text()
+    except FileNotFoundError:
+        raise SpecError(source, [f"file not found (set {SPEC_ENV_VAR} to a platform spec)"]) from None
+    except OSError as exc:
+        raise SpecError(source, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(source, [f"{where}not valid YAML: {problem}"]) from None

@@ -1,0 +1,227 @@
+"""The platform spec: the shipped file describes the seeds' platform, and every
+kind of bad spec fails at load with the file, the field path and the reason."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ops_platform.spec import DEFAULT_SPEC_PATH, SpecError, load_spec
+
+BASE = yaml.safe_load(DEFAULT_SPEC_PATH.read_text())
+
+
+def write_spec(tmp_path: Path, raw: object, name: str = "platform.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def load_broken(tmp_path: Path, mutate) -> SpecError:
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    path = write_spec(tmp_path, raw)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(path) in str(caught.value)
+    return caught.value
+
+
+def test_shipped_spec_describes_the_seed_platform():
+    spec = load_spec(DEFAULT_SPEC_PATH)
+    assert spec.objectives.rto_minutes == 15 and spec.objectives.rpo_minutes == 60
+    assert [layer.plan_section for layer in spec.layers] == list(range(1, 14))
+    order = [layer.name for layer in spec.layers_in_order()]
+    for layer in spec.layers:
+        for required in layer.requires:
+            assert order.index(required) < order.index(layer.name)
+    engines = {store.engine: store.method for store in spec.datastores}
+    assert engines == {
+        "postgresql": "pgbackrest",
+        "elasticsearch": "snapshot",
+        "neo4j": "backup",
+        "redis": "rdb",
+        "milvus": "milvus_backup",
+        "etcd": "snapshot",
+        "velero": "velero",
+    }
+    assert spec.certificates.endpoints == ["onto.company.com:443"]
+    assert spec.images is not None
+    repositories = {
+        service.repository(env) for service in spec.images.services for env in service.environments
+    }
+    assert repositories == {
+        f"{service}-{env}"
+        for service in ("onto-frontend", "onto-backend")
+        for env in ("dev", "staging", "prod")
+    }
+    assert {r.alert: r.playbook for r in spec.remediations}["CertificateExpiringSoon"] == "renew_certificate"
+
+
+def test_env_var_selects_another_spec(tmp_path, monkeypatch):
+    raw = copy.deepcopy(BASE)
+    raw["platform"]["name"] = "other-platform"
+    raw["datastores"] = []
+    path = write_spec(tmp_path, raw, "other.yaml")
+    monkeypatch.setenv("OPS_PLATFORM_SPEC", str(path))
+    spec = load_spec()
+    assert spec.platform.name == "other-platform"
+    assert spec.datastores == []
+
+
+def test_extends_overrides_whole_sections(tmp_path):
+    child = {"extends": str(DEFAULT_SPEC_PATH), "platform": {**BASE["platform"], "name": "child"},
+             "datastores": []}
+    spec = load_spec(write_spec(tmp_path, child))
+    assert spec.platform.name == "child"
+    assert spec.datastores == []
+    assert len(spec.layers) == 13
+
+
+def test_wrong_type_names_field_path(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw["objectives"].update(rto_minutes="fifteen"))
+    assert "objectives.rto_minutes" in str(error)
+    assert "integer" in str(error)
+
+
+def test_unknown_key_is_rejected_at_any_depth(tmp_path):
+    def mutate(raw):
+        raw["backup_everything"] = True
+        raw["datastores"][0]["connection"]["hostname"] = "typo"
+
+    error = load_broken(tmp_path, mutate)
+    assert "backup_everything: unknown key" in str(error)
+    assert "datastores[0:postgres_main].connection.hostname: unknown key" in str(error)
+
+
+def test_layer_requiring_unknown_layer(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw["layers"][1]["requires"].append("kubernetes"))
+    assert "layer 'storage' requires unknown layer 'kubernetes'" in str(error)
+
+
+def test_dependency_cycle_is_named(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw["layers"][0]["requires"].append("storage"))
+    assert "layer dependency cycle: cluster -> storage -> cluster" in str(error)
+
+
+def test_self_dependency_is_a_cycle(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw["layers"][2]["requires"].append("service_mesh"))
+    assert "cycle: service_mesh -> service_mesh" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("section", "what"),
+    [("layers", "layer"), ("datastores", "datastore"), ("volumes", "volume group")],
+)
+def test_duplicate_names(tmp_path, section, what):
+    error = load_broken(tmp_path, lambda raw: raw[section].append(copy.deepcopy(raw[section][0])))
+    assert f"duplicate {what} name(s): {BASE[section][0]['name']}" in str(error)
+
+
+def test_duplicate_service(tmp_path):
+    error = load_broken(
+        tmp_path, lambda raw: raw["images"]["services"].append(copy.deepcopy(raw["images"]["services"][0]))
+    )
+    assert "duplicate service name(s): onto-frontend" in str(error)
+
+
+def test_restore_target_equal_to_source_is_refused(tmp_path):
+    def mutate(raw):
+        raw["datastores"][0]["restore_test"]["target"] = dict(raw["datastores"][0]["connection"])
+
+    error = load_broken(tmp_path, mutate)
+    assert "datastores[0:postgres_main]" in str(error)
+    assert "never write to its source" in str(error)
+
+
+def test_same_url_without_rename_prefix_is_the_source(tmp_path):
+    def mutate(raw):
+        es = next(d for d in raw["datastores"] if d["engine"] == "elasticsearch")
+        del es["restore_test"]["rename_prefix"]
+
+    assert "never write to its source" in str(load_broken(tmp_path, mutate))
+
+
+def test_method_must_fit_engine(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw["datastores"][0].update(method="rdb"))
+    assert "method 'rdb' is not a backup method of postgresql (one of: pgbackrest, pg_dump)" in str(error)
+
+
+def test_engine_connection_fields_required(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw["datastores"][0]["connection"].pop("database"))
+    assert "connection.database is required for engine postgresql" in str(error)
+
+
+def test_service_environment_must_exist(tmp_path):
+    error = load_broken(
+        tmp_path, lambda raw: raw["images"]["services"][0]["environments"].append("qa")
+    )
+    assert "service 'onto-frontend' deploys to unknown environment(s) qa" in str(error)
+
+
+def test_tag_pattern_may_not_follow_latest(tmp_path):
+    error = load_broken(
+        tmp_path, lambda raw: raw["images"]["services"][0].update(tag_pattern=".*")
+    )
+    assert "images.services[0:onto-frontend].tag_pattern" in str(error)
+    assert "must not match 'latest'" in str(error)
+
+
+def test_unknown_playbook(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw["remediations"][0].update(playbook="reboot_node"))
+    assert "remediations[0].playbook" in str(error)
+    assert "renew_certificate" in str(error)
+
+
+def test_certificate_thresholds_ordered(tmp_path):
+    error = load_broken(
+        tmp_path, lambda raw: raw["certificates"].update(fail_below_days=30, renew_before_days=21)
+    )
+    assert "fail_below_days (30) must be below renew_before_days (21)" in str(error)
+
+
+def test_bad_selector_and_cron(tmp_path):
+    def mutate(raw):
+        raw["volumes"][0]["selector"] = "tier==data,,"
+        raw["datastores"][0]["schedule"] = "daily"
+
+    error = str(load_broken(tmp_path, mutate))
+    assert "volumes[0:data].selector" in error and "not a Kubernetes label selector" in error
+    assert "datastores[0:postgres_main].schedule" in error
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    def mutate(raw):
+        raw["objectives"]["rpo_minutes"] = -5
+        raw["layers"][0]["plan_section"] = "one"
+
+    error = load_broken(tmp_path, mutate)
+    assert len(error.problems) == 2
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = write_spec(tmp_path, "platform: {name: x\nobjectives: [\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(path) in str(caught.value)
+    assert "not valid YAML" in str(caught.value)
+    assert "line" in str(caught.value)
+
+
+def test_not_a_mapping(tmp_path):
+    with pytest.raises(SpecError, match="expected a mapping, got list"):
+        load_spec(write_spec(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_file_names_the_setting(tmp_path):
+    with pytest.raises(SpecError, match="file not found .*OPS_PLATFORM_SPEC"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_extends_missing_base(tmp_path):
+    path = write_spec(tmp_path, {"extends": "does-not-exist.yaml"})
+    with pytest.raises(SpecError, match="extends: .*does-not-exist.yaml.*not found"):
+        load_spec(path)
