@@ -23,17 +23,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
-import requests
-from prometheus_api_client import PrometheusApiClientException
-from prometheus_api_client.prometheus_connect import PrometheusConnect
 from pydantic import Field
-from urllib3.util.retry import Retry
 
 from ops_platform.errors import MissingSettingError, OpsPlatformError, ServerUnreachableError
+
+# HTTP libraries are imported when a client is made, not when the code location loads.
+if TYPE_CHECKING:
+    import requests
+    from prometheus_api_client import PrometheusApiClientException
 
 ALERTMANAGER_URL_SETTING = "ALERTMANAGER_URL"
 PROMETHEUS_URL_SETTING = "PROMETHEUS_URL"
@@ -235,6 +236,8 @@ class _Endpoint:
     def __init__(
         self, system: str, setting: str, base_url: str, session: requests.Session | None, timeout: float
     ) -> None:
+        import requests
+
         self.system = system
         self.setting = setting
         self.base_url = _checked_base_url(base_url, system, setting)
@@ -242,6 +245,8 @@ class _Endpoint:
         self.timeout = timeout
 
     def ready(self) -> bool:
+        import requests
+
         try:
             response = self.session.get(f"{self.base_url}/-/ready", timeout=self.timeout)
         except requests.RequestException:
@@ -281,6 +286,8 @@ class _Endpoint:
     @contextmanager
     def reaching(self) -> Iterator[None]:
         """Turn connection failures and timeouts into ServerUnreachableError."""
+        import requests
+
         address = _redacted(self.base_url)
         try:
             yield
@@ -406,6 +413,9 @@ class Prometheus:
     def __init__(
         self, base_url: str, *, session: requests.Session | None = None, timeout: float = 10.0
     ) -> None:
+        from prometheus_api_client.prometheus_connect import PrometheusConnect
+        from urllib3.util.retry import Retry
+
         self._http = _Endpoint("prometheus", PROMETHEUS_URL_SETTING, base_url, session, timeout)
         self._connect = PrometheusConnect(
             url=self._http.base_url, session=self._http.session, timeout=timeout, retry=Retry(total=0)
@@ -454,6 +464,8 @@ class Prometheus:
     @contextmanager
     def _client_call(self, url: str) -> Iterator[None]:
         """Turn what PrometheusConnect raises into our errors."""
+        from prometheus_api_client import PrometheusApiClientException
+
         with self._http.reaching():
             try:
                 yield

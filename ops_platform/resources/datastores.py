@@ -11,15 +11,17 @@ the Dagster resources that build them from configuration.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import psycopg
-import redis
 from pydantic import Field
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ops_platform.errors import OpsPlatformError, ServerUnreachableError
+
+# The drivers are imported when a connection is made, not when the code location loads.
+if TYPE_CHECKING:
+    import psycopg
+    import redis
 
 ADDRESS_SETTING = "connection.host/port in the platform spec"
 HOST_SETTING = "connection.host in the platform spec"
@@ -70,6 +72,8 @@ class PostgresEndpoint:
 
     def connect(self, *, autocommit: bool = False) -> psycopg.Connection:
         """An open connection; use it as a context manager to commit and close it."""
+        import psycopg
+
         try:
             return psycopg.connect(
                 host=self.host,
@@ -98,6 +102,8 @@ class PostgresEndpoint:
             conn.execute("SELECT 1")
 
     def _explain(self, error: psycopg.OperationalError) -> OpsPlatformError:
+        import psycopg
+
         message = _scrub(str(error), self.password)
         detail = message.rsplit("failed: ", 1)[-1].replace("FATAL:", "").strip()
         detail = detail.splitlines()[0] if detail else type(error).__name__
@@ -154,6 +160,10 @@ class RedisEndpoint:
         Retries are off: a failure is reported at once with what to check, and
         the operation that needed Redis decides whether to run again.
         """
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         client = redis.Redis(
             host=self.host,
             port=self.port,
@@ -174,6 +184,8 @@ class RedisEndpoint:
         self.client().close()
 
     def _explain(self, error: redis.RedisError) -> OpsPlatformError:
+        import redis
+
         detail = _scrub(str(error), self.password)
 
         def unreachable(reason: str, setting: str = ADDRESS_SETTING) -> ServerUnreachableError:

@@ -17,12 +17,10 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.paginate import TokenEncoder
-from botocore.parsers import ResponseParserError
 from pydantic import Field
 
 from ops_platform.errors import MissingSettingError, OpsPlatformError, ServerUnreachableError
-from ops_platform.resources.object_store import CREDENTIALS_SETTING, ENDPOINT_SETTING, aws_client
+from ops_platform.resources.object_store import CREDENTIALS_SETTING, ENDPOINT_SETTING, aws_client, aws_errors
 
 TAG_STATUSES = ("TAGGED", "UNTAGGED", "ANY")
 THROTTLING_CODES = frozenset(
@@ -178,6 +176,8 @@ class EcrRegistry:
             next_token = page.get("nextToken")
             if not next_token:
                 return
+            from botocore.paginate import TokenEncoder
+
             starting_token = TokenEncoder().encode({"nextToken": next_token})
 
     def _page(self, operation: str, params: dict[str, Any], starting_token: str | None) -> dict[str, Any]:
@@ -206,7 +206,7 @@ class EcrRegistry:
                 delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
                 self.sleep(delay)
                 waited += delay
-            except (BotoCoreError, ResponseParserError) as error:
+            except aws_errors() as error:
                 raise self._translate(error, operation, repository) from error
         raise AssertionError("unreachable: the last attempt returns or raises")
 

@@ -16,19 +16,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dagster as dg
-import urllib3
-from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
-from kubernetes import watch as k8s_watch
-from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import ResourceNotFoundError
 from pydantic import Field
 
 from ops_platform.errors import MissingSettingError, OpsPlatformError, ServerUnreachableError
+
+# The kubernetes package takes a third of a second to import: it is imported
+# when a client is made, not when the code location loads.
+if TYPE_CHECKING:
+    from kubernetes import client as k8s_client
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.dynamic import DynamicClient
 
 FIELD_MANAGER = "ops-platform"
 CLUSTER_SETTING = "KUBECONFIG / OPS_KUBE_CONTEXT"
@@ -118,6 +118,8 @@ class KubernetesClient:
     @property
     def dynamic(self) -> DynamicClient:
         if self._dynamic is None:
+            from kubernetes.dynamic import DynamicClient
+
             cache_file = _discovery_cache_file(self.host)
             self._dynamic = self._call(
                 "discover the API", lambda: DynamicClient(self.api_client, cache_file=cache_file)
@@ -126,6 +128,8 @@ class KubernetesClient:
 
     def kind(self, api_version: str, kind: str) -> Any:
         """The discovered API resource of a kind; a clear error when the cluster does not serve it."""
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
         try:
             return self._call(
                 f"discover {kind} ({api_version})",
@@ -279,6 +283,10 @@ class KubernetesClient:
     def _watch(
         self, resource: Any, name: str, namespace: str | None, remaining: float
     ) -> Iterator[tuple[str, dict[str, Any]]]:
+        import urllib3
+        from kubernetes import watch as k8s_watch
+        from kubernetes.client.exceptions import ApiException
+
         listing = self._call(
             f"list {resource.kind}",
             lambda: resource.get(namespace=namespace, field_selector=f"metadata.name={name}"),
@@ -307,6 +315,9 @@ class KubernetesClient:
             watcher.stop()
 
     def _call(self, action: str, request: Callable[[], Any]) -> Any:
+        import urllib3
+        from kubernetes.client.exceptions import ApiException
+
         try:
             return request()
         except ApiException as exc:
@@ -409,6 +420,9 @@ class KubernetesResource(dg.ConfigurableResource):
         return KubernetesClient(self._api_client(), request_timeout=self.request_timeout)
 
     def _api_client(self) -> k8s_client.ApiClient:
+        from kubernetes import client as k8s_client
+        from kubernetes import config as k8s_config
+
         in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
         use_in_cluster = self.in_cluster if self.in_cluster is not None else (in_pod and not self.kubeconfig)
         if use_in_cluster:

@@ -26,9 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import boto3
 import dagster as dg
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -39,7 +37,6 @@ from botocore.exceptions import (
     ProfileNotFound,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.parsers import ResponseParserError
 from pydantic import Field
 
 from ops_platform.errors import MissingSettingError, OpsPlatformError, ServerUnreachableError
@@ -244,6 +241,17 @@ def read_part(stream: BinaryIO, size: int, buffer: bytearray | None = None) -> b
     return buffer
 
 
+def aws_errors() -> tuple[type[Exception], ...]:
+    """botocore's failures that are not a ClientError.
+
+    botocore.parsers takes a tenth of a second to import, so it is imported
+    when an error is being matched, not when the code location loads.
+    """
+    from botocore.parsers import ResponseParserError
+
+    return (BotoCoreError, ResponseParserError)
+
+
 def aws_client(
     service: str,
     *,
@@ -260,6 +268,9 @@ def aws_client(
     credentials chain) for what is not given. Missing credentials are reported
     here, before any request, naming the settings to set.
     """
+    import boto3
+    from botocore.config import Config
+
     try:
         session = boto3.session.Session(region_name=region)
         credentials = session.get_credentials()
@@ -379,7 +390,7 @@ class S3ObjectStore(ObjectStore):
             if _client_error_code(error) == "NoSuchKey":
                 raise ObjectNotFound(key, self.url(key)) from None
             raise self._translate(error, "get", key) from error
-        except (BotoCoreError, ResponseParserError) as error:
+        except aws_errors() as error:
             raise self._translate(error, "get", key) from error
         return response["Body"]
 
@@ -393,7 +404,7 @@ class S3ObjectStore(ObjectStore):
                 self._require_bucket()
                 return None
             raise self._translate(error, "head", key) from error
-        except (BotoCoreError, ResponseParserError) as error:
+        except aws_errors() as error:
             raise self._translate(error, "head", key) from error
         stored_metadata = dict(response.get("Metadata") or {})
         sha256 = stored_metadata.pop(SHA256_METADATA_KEY, None)
@@ -433,7 +444,7 @@ class S3ObjectStore(ObjectStore):
                         etag=entry.get("ETag"),
                         last_modified=entry.get("LastModified"),
                     )
-        except (ClientError, BotoCoreError, ResponseParserError) as error:
+        except (ClientError, *aws_errors()) as error:
             raise self._translate(error, "list", prefix or None) from error
 
     def delete(self, key: str) -> None:
@@ -619,13 +630,13 @@ class S3ObjectStore(ObjectStore):
             if _http_status(error) == 404:
                 raise self._bucket_missing() from None
             raise self._translate(error, "head", None) from error
-        except (BotoCoreError, ResponseParserError) as error:
+        except aws_errors() as error:
             raise self._translate(error, "head", None) from error
 
     def _request(self, action: str, key: str | None, request: Callable[[], _T]) -> _T:
         try:
             return request()
-        except (ClientError, BotoCoreError, ResponseParserError) as error:
+        except (ClientError, *aws_errors()) as error:
             raise self._translate(error, action, key) from error
 
     def _stored(
@@ -658,7 +669,7 @@ class S3ObjectStore(ObjectStore):
     def _reason(self, error: BaseException, key: str) -> str:
         if isinstance(error, OpsPlatformError):
             return str(error)
-        if isinstance(error, (ClientError, BotoCoreError, ResponseParserError)):
+        if isinstance(error, (ClientError, *aws_errors())):
             return str(self._translate(error, "put", key))
         return f"{type(error).__name__}: {error}"
 
