@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -39,14 +39,6 @@ Owner = Annotated[str, StringConstraints(pattern=r"^(team:[A-Za-z0-9_-]+|[^@\s]+
 Cron = Annotated[str, StringConstraints(pattern=r"^\S+( \S+){4}$")]
 EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")]
 
-PLAYBOOKS = (
-    "restart_workload",
-    "scale_workload",
-    "renew_certificate",
-    "rerun_backup",
-    "expand_pvc",
-    "rollback_deployment",
-)
 Playbook = Literal[
     "restart_workload",
     "scale_workload",
@@ -55,6 +47,7 @@ Playbook = Literal[
     "expand_pvc",
     "rollback_deployment",
 ]
+PLAYBOOKS: tuple[str, ...] = get_args(Playbook)
 
 # Which backup methods each engine supports (InfraSpec §7.1).
 ENGINE_METHODS: dict[str, tuple[str, ...]] = {
