@@ -189,3 +189,29 @@ def test_server_down_names_host_and_setting(tmp_path, kube_api):
     assert f"127.0.0.1:{port}" in str(caught.value)
     assert "KUBECONFIG" in str(caught.value)
     assert time.monotonic() - started < 10
+
+
+def test_server_that_never_answers_times_out(tmp_path, kube_api):
+    import json
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        config = kube_api.kubeconfig("t", "silent")
+        config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        path = tmp_path / "kubeconfig"
+        path.write_text(json.dumps(config))
+        client = KubernetesResource(kubeconfig=str(path), context="silent", request_timeout=1).get_client()
+        started = time.monotonic()
+        with pytest.raises(ServerUnreachableError, match="no answer"):
+            client.get("v1", "ConfigMap", "x", "default")
+        # 1 s per attempt; urllib3 tries a GET four times.
+        assert time.monotonic() - started < 8
+
+
+def test_wait_outlasting_the_request_timeout(kubeconfig_path, kube_api):
+    kube = KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake", request_timeout=2).get_client()
+    kube.apply(CONFIGMAP)
+    threading.Timer(3.5, lambda: kube_api.delete_object("v1", "configmaps", "ops-settings", "default")).start()
+    assert kube.wait_for("v1", "ConfigMap", "ops-settings", "default", deleted(), timeout=10) is None

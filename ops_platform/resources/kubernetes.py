@@ -106,6 +106,7 @@ class KubernetesClient:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api_client = api_client
+        _default_request_timeout(api_client, request_timeout)
         self.field_manager = field_manager
         self.request_timeout = request_timeout
         self.clock = clock
@@ -148,7 +149,7 @@ class KubernetesClient:
         try:
             found = self._call(
                 f"get {describe(api_version, kind, name, namespace)}",
-                lambda: resource.get(name=name, namespace=namespace),
+                lambda: resource.get(name=name, namespace=namespace, _request_timeout=self.request_timeout),
             )
         except _NotFound:
             return None
@@ -167,7 +168,10 @@ class KubernetesClient:
         found = self._call(
             f"list {kind} ({api_version})",
             lambda: resource.get(
-                namespace=namespace, label_selector=label_selector, field_selector=field_selector
+                namespace=namespace,
+                label_selector=label_selector,
+                field_selector=field_selector,
+                _request_timeout=self.request_timeout,
             ),
         )
         return [item.to_dict() if hasattr(item, "to_dict") else dict(item) for item in found.items]
@@ -191,6 +195,7 @@ class KubernetesClient:
                 field_manager=self.field_manager,
                 force_conflicts=force,
                 dry_run="All" if dry_run else None,
+                _request_timeout=self.request_timeout,
             ),
         ).to_dict()
         if before is None:
@@ -220,6 +225,7 @@ class KubernetesClient:
                 body={"status": status},
                 content_type="application/merge-patch+json",
                 field_manager=self.field_manager,
+                _request_timeout=self.request_timeout,
             ),
         )
         return patched.to_dict()
@@ -239,7 +245,10 @@ class KubernetesClient:
             self._call(
                 f"delete {describe(api_version, kind, name, namespace)}",
                 lambda: resource.delete(
-                    name=name, namespace=namespace, dry_run="All" if dry_run else None
+                    name=name,
+                    namespace=namespace,
+                    dry_run="All" if dry_run else None,
+                    _request_timeout=self.request_timeout,
                 ),
             )
         except _NotFound:
@@ -292,7 +301,8 @@ class KubernetesClient:
             lambda: resource.get(namespace=namespace, field_selector=f"metadata.name={name}"),
         )
         resource_version = listing.metadata.resourceVersion
-        window = max(1, min(int(remaining + 0.999), 60))
+        # The server closes the watch after `window` seconds, before the read timeout.
+        window = max(1, min(int(remaining + 0.999), int(self.request_timeout) - 1, 60))
         watcher = k8s_watch.Watch()
         try:
             stream = self.dynamic.watch(
@@ -343,6 +353,22 @@ class KubernetesClient:
 
 class _NotFound(Exception):
     pass
+
+
+def _default_request_timeout(api_client: k8s_client.ApiClient, seconds: float) -> None:
+    """Give every request of this client a timeout unless it sets its own.
+
+    The official client sends requests without one (discovery included), so
+    an API server that accepts connections and never answers would hang an
+    operation forever.
+    """
+    rest = api_client.rest_client
+    send = rest.request
+
+    def request(*args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        return send(*args, _request_timeout=_request_timeout or seconds, **kwargs)
+
+    rest.request = request
 
 
 def _identity(manifest: dict[str, Any]) -> tuple[str, str, str, str | None]:
