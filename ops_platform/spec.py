@@ -161,6 +161,38 @@ class RestoreTest(_Model):
     verify_keys: list[str] = []
 
 
+class PgBackRestOptions(_Model):
+    """pgBackRest settings of a PostgreSQL datastore (InfraSpec §7.1)."""
+
+    stanza: Name
+    pg_path: str  # data directory of the cluster on its host
+    pg_host: str | None = None  # pgBackRest TLS server on the database host; unset: local
+    pg_host_port: int = Field(default=8432, ge=1, le=65535)
+    repo_path: str = "/pgbackrest"
+    full_every_days: int = Field(default=1, ge=1)  # older full backup -> full, else incr
+    process_max: int = Field(default=2, ge=1)
+
+
+class ElasticsearchOptions(_Model):
+    repository: str  # snapshot repository registered in Elasticsearch (type s3)
+    indices: list[str] = ["*"]
+
+
+class Neo4jOptions(_Model):
+    namespace: str  # where the backup Job runs, next to the Neo4j servers
+    backup_address: str  # host:port of the online backup listener (Enterprise, 6362)
+    image: str = "neo4j:5-enterprise"
+
+
+class MilvusOptions(_Model):
+    collections: list[str] = []  # empty: every collection
+
+
+class VeleroOptions(_Model):
+    schedule: str  # Velero Schedule whose template a Backup copies
+    included_namespaces: list[str] = []
+
+
 class Datastore(_Model):
     name: Name
     engine: Literal["postgresql", "redis", "etcd", "elasticsearch", "neo4j", "milvus", "velero"]
@@ -171,6 +203,11 @@ class Datastore(_Model):
     retention: Retention = Retention()
     restore_test: RestoreTest | None = None
     owner: Owner | None = None
+    pgbackrest: PgBackRestOptions | None = None
+    elasticsearch: ElasticsearchOptions | None = None
+    neo4j: Neo4jOptions | None = None
+    milvus: MilvusOptions | None = None
+    velero: VeleroOptions | None = None
 
     @model_validator(mode="after")
     def _method_and_connection_fit_engine(self) -> Datastore:
@@ -180,6 +217,15 @@ class Datastore(_Model):
                 f"method {self.method!r} is not a backup method of {self.engine} "
                 f"(one of: {', '.join(methods)})"
             )
+        required_section = {"pgbackrest": "pgbackrest", "velero": "velero"}.get(self.method) or {
+            "elasticsearch": "elasticsearch",
+            "neo4j": "neo4j",
+        }.get(self.engine)
+        if required_section and getattr(self, required_section) is None:
+            raise ValueError(f"a {self.engine} datastore backed up by {self.method} needs a '{required_section}' section")
+        for section in ("pgbackrest", "elasticsearch", "neo4j", "milvus", "velero"):
+            if getattr(self, section) is not None and section not in (self.method, self.engine):
+                raise ValueError(f"section '{section}' does not apply to {self.engine} / {self.method}")
         for field_name in ENGINE_CONNECTION_FIELDS[self.engine]:
             if getattr(self.connection, field_name) is None:
                 raise ValueError(f"connection.{field_name} is required for engine {self.engine}")

@@ -1,0 +1,1 @@
+"""Backups, restores and their verification: plain Python, one driver module per engine."""
