@@ -6,6 +6,7 @@ import dagster as dg
 
 from ops_platform.assets import backups, infra, releases, snapshots
 from ops_platform.environment import build_resources, get_environment
+from ops_platform.schedules import backups as backup_schedules
 from ops_platform.spec import Spec, load_spec
 
 
@@ -20,8 +21,11 @@ def build_assets(spec: Spec) -> list[dg.AssetsDefinition]:
 
 
 def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
+    backup_jobs = backup_schedules.build_backup_jobs(spec)
     return dg.Definitions(
         assets=build_assets(spec),
+        jobs=backup_jobs,
+        schedules=backup_schedules.build_schedules(spec, backup_jobs),
         resources=build_resources(spec, environment),
     )
 

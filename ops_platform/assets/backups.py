@@ -20,8 +20,11 @@ ENGINES_WITH_CONNECTION_RESOURCE = ("postgresql", "redis")
 
 
 def daily_partitions(spec: Spec) -> dg.DailyPartitionsDefinition:
+    # end_offset=1: today's partition exists, so a backup taken today lands in it.
     return dg.DailyPartitionsDefinition(
-        start_date=spec.platform.history_start.isoformat(), timezone=spec.platform.timezone
+        start_date=spec.platform.history_start.isoformat(),
+        timezone=spec.platform.timezone,
+        end_offset=1,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,7 +68,7 @@ class BackupJob:
     prefix: str  # "backups/<datastore>/<partition>/<backup_id>/"
     password: str | None = None  # resolved from the datastore's password_env
     work_dir: Path | None = None  # scratch space for tools that need a file
-    now: Callable[[], datetime] = field(default=datetime.now)
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
     def artifact_key(self, name: str) -> str:
         return f"{self.prefix}{name}"

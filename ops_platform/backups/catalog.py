@@ -96,10 +96,10 @@ class BackupCatalog:
         )
         try:
             outcome = driver.backup(job)
+            return self.commit(job, outcome, started_at, now())
         except BaseException:
             self._discard(prefix)
             raise
-        return self.commit(job, outcome, started_at, now())
 
     def commit(
         self, job: BackupJob, outcome: BackupOutcome, started_at: datetime, finished_at: datetime
@@ -226,7 +226,8 @@ class BackupCatalog:
             self._discard(self.prefix(manifest.partition, manifest.backup_id))
         now = now or datetime.now(UTC)
         for orphan in listing.orphans:
-            if _backup_time(orphan) is not None and now - _backup_time(orphan) > ORPHAN_AGE:  # type: ignore[operator]
+            written = backup_time_of(orphan)
+            if written is not None and now - written > ORPHAN_AGE:
                 self._discard(orphan)
         return plan
 
@@ -235,7 +236,8 @@ class BackupCatalog:
             self.store.delete(stored.key)
 
 
-def _backup_time(prefix: str) -> datetime | None:
+def backup_time_of(prefix: str) -> datetime | None:
+    """When a backup started, from its directory name (``.../<backup_id>/``)."""
     backup_id = prefix.rstrip("/").rsplit("/", 1)[-1]
     try:
         return datetime.strptime(backup_id.split("-", 1)[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)

@@ -1,0 +1,183 @@
+"""A restore test: prove the latest backup restores, with its data, within RTO.
+
+Fetch the newest committed backup, check its artifacts against the manifest,
+refuse a target that is the source, restore into the scratch target, compare
+counts with the manifest, run the spec's verification queries, clean up, and
+measure. Plain Python; the Dagster asset only records the result.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ops_platform.backups.base import BackupDriver, QueryResult, RestoreRefused
+from ops_platform.backups.catalog import BackupCatalog, backup_time_of
+from ops_platform.backups.manifest import BackupManifest
+from ops_platform.spec import Connection, Datastore
+
+
+@dataclass(frozen=True)
+class RestoreTestResult:
+    datastore: str
+    backup_id: str
+    partition: str
+    target: str
+    restore_seconds: float  # restore + verification, until the data was proven usable
+    total_seconds: float  # including cleanup
+    recovery_point: datetime
+    backup_age_seconds: float  # now - recovery point: the data loss if disaster struck now
+    expected_counts: dict[str, int]
+    observed_counts: dict[str, int]
+    queries: list[QueryResult]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return not self.problems
+
+
+def resolve(host: str | None) -> set[str]:
+    if not host:
+        return set()
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return {host.lower()}
+
+
+def target_is_source(source: Connection, target: Connection, rename_prefix: str | None = None) -> str | None:
+    """Why a restore into ``target`` would write to ``source``, or None when it would not.
+
+    Host names are compared by the addresses they resolve to, so ``localhost``
+    and ``127.0.0.1`` are the same server.
+    """
+    if source.data_dir and target.data_dir:
+        if Path(source.data_dir).resolve() == Path(target.data_dir).resolve():
+            return f"the target data directory {target.data_dir} is the source's"
+    if source.host and target.host and source.port == target.port:
+        if resolve(source.host) & resolve(target.host) and source.database == target.database:
+            where = f"{target.host}:{target.port}" + (f"/{target.database}" if target.database else "")
+            return f"the target {where} is the source {source.host}:{source.port}"
+    if source.url and target.url and source.url.rstrip("/") == target.url.rstrip("/"):
+        if source.database == target.database and not rename_prefix:
+            return f"the target {target.url} is the source and no rename_prefix keeps the data apart"
+    if source.namespace and target.namespace and source.namespace == target.namespace and not source.url:
+        return f"the target namespace {target.namespace} is the source's"
+    return None
+
+
+def compare_counts(expected: dict[str, int], observed: dict[str, int], tolerance: float = 0.0) -> list[str]:
+    problems = []
+    for key, want in sorted(expected.items()):
+        got = observed.get(key)
+        if got is None:
+            problems.append(f"{key}: missing after restore (backup had {want})")
+        elif abs(got - want) > tolerance * max(want, 1):
+            problems.append(f"{key}: {got} after restore, backup had {want}")
+    return problems
+
+
+def run_restore_test(
+    datastore: Datastore,
+    driver: BackupDriver,
+    catalog: BackupCatalog,
+    work_dir: Path,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    monotonic: Callable[[], float] = time.monotonic,
+    current_recovery_point: Callable[[BackupManifest], datetime] | None = None,
+) -> RestoreTestResult:
+    """Restore the latest backup of ``datastore`` into its restore-test target and verify it.
+
+    Raises :class:`RestoreRefused` before anything is written when there is no
+    usable backup or the target is the source; a failed restore raises the
+    driver's error after its cleanup.
+    """
+    restore_test = datastore.restore_test
+    if restore_test is None:
+        raise RestoreRefused(f"datastore '{datastore.name}' has no restore_test in the platform spec")
+    reason = target_is_source(datastore.connection, restore_test.target, restore_test.rename_prefix)
+    if reason:
+        raise RestoreRefused(
+            f"restore test of '{datastore.name}' refused before writing anything: {reason} "
+            "(check restore_test.target in the platform spec)"
+        )
+    manifest = _latest_usable(catalog, datastore.name)
+    problems = catalog.verify_artifacts(manifest)
+    if problems:
+        raise RestoreRefused(
+            f"restore test of '{datastore.name}' refused: backup {manifest.backup_id} failed its "
+            f"checksum ({'; '.join(problems)}); nothing was restored or deleted"
+        )
+    verification = driver.verify(manifest, catalog.store)
+    if not verification.ok:
+        raise RestoreRefused(
+            f"restore test of '{datastore.name}' refused: backup {manifest.backup_id} failed "
+            f"verification ({'; '.join(verification.problems)}); nothing was restored or deleted"
+        )
+
+    queries_to_run = list(restore_test.verify_sql or restore_test.verify_keys)
+    started = monotonic()
+    with driver.restore(manifest, catalog.store, restore_test, work_dir) as restored:
+        observed = restored.counts()
+        queries = restored.run_queries(queries_to_run)
+        restore_seconds = monotonic() - started
+        target = restored.description
+    total_seconds = monotonic() - started
+
+    tolerance = float(manifest.restore.get("counts_tolerance", 0.0))
+    found = compare_counts(manifest.counts, observed, tolerance)
+    found += [f"query {q.query!r} failed: {q.error or q.value}" for q in queries if not q.ok]
+    recovery_point = current_recovery_point(manifest) if current_recovery_point else manifest.recovery_point
+    return RestoreTestResult(
+        datastore=datastore.name,
+        backup_id=manifest.backup_id,
+        partition=manifest.partition,
+        target=target,
+        restore_seconds=restore_seconds,
+        total_seconds=total_seconds,
+        recovery_point=recovery_point,
+        backup_age_seconds=(now() - recovery_point).total_seconds(),
+        expected_counts=dict(manifest.counts),
+        observed_counts=observed,
+        queries=queries,
+        problems=found,
+    )
+
+
+def _latest_usable(catalog: BackupCatalog, name: str) -> BackupManifest:
+    listing = catalog.listing()
+    if not listing.manifests and not listing.garbled:
+        raise RestoreRefused(f"no committed backup of '{name}' to restore (materialize backups/{name} first)")
+    newest_good = listing.manifests[0] if listing.manifests else None
+    newer_garbled = [
+        error for error in listing.garbled
+        if newest_good is None or _garbled_is_newer(error.url, newest_good)
+    ]
+    if newer_garbled:
+        raise RestoreRefused(
+            f"the newest backup of '{name}' cannot be read: {newer_garbled[0]}; "
+            "nothing was restored or deleted (inspect or remove that manifest)"
+        )
+    assert newest_good is not None
+    return newest_good
+
+
+def _garbled_is_newer(url: str, manifest: BackupManifest) -> bool:
+    prefix = url.rsplit("/", 1)[0] + "/"
+    when = backup_time_of(prefix)
+    return when is None or when >= manifest.started_at.replace(microsecond=0)
+
+
+def result_rows(result: RestoreTestResult) -> list[dict[str, Any]]:
+    keys = sorted(set(result.expected_counts) | set(result.observed_counts))
+    return [
+        {"what": key, "backup": result.expected_counts.get(key), "restored": result.observed_counts.get(key)}
+        for key in keys
+    ]

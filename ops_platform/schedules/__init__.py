@@ -1,0 +1,1 @@
+"""Schedules derived from the spec, each in the platform's timezone."""

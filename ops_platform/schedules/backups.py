@@ -1,0 +1,83 @@
+"""Backups (daily at the datastore's cron), volume snapshots (every 6 h) and weekly restore tests."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import dagster as dg
+
+from ops_platform.assets.keys import backup_key, restore_test_key, snapshot_key
+from ops_platform.spec import Datastore, Spec
+
+if TYPE_CHECKING:
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
+
+def partition_for(scheduled: datetime) -> str:
+    """A backup taken on day D belongs to partition D (in the schedule's timezone)."""
+    return scheduled.date().isoformat()
+
+
+def backup_job_name(datastore: str) -> str:
+    return f"backup_{datastore}"
+
+
+def build_backup_jobs(spec: Spec) -> list[UnresolvedAssetJobDefinition]:
+    return [
+        dg.define_asset_job(
+            backup_job_name(store.name),
+            selection=dg.AssetSelection.assets(backup_key(store.name)),
+            description=f"Back up {store.name} ({store.engine}, {store.method}).",
+        )
+        for store in spec.datastores
+    ]
+
+
+def build_schedules(spec: Spec, backup_jobs: list[UnresolvedAssetJobDefinition]) -> list[dg.ScheduleDefinition]:
+    timezone = spec.platform.timezone
+    jobs = {job.name: job for job in backup_jobs}
+    schedules: list[dg.ScheduleDefinition] = []
+    for store in spec.datastores:
+        schedules.append(_backup_schedule(store, jobs[backup_job_name(store.name)], timezone))
+        if store.restore_test is not None:
+            schedules.append(
+                dg.ScheduleDefinition(
+                    name=f"restore_test_{store.name}",
+                    cron_schedule=store.restore_test.schedule,
+                    execution_timezone=timezone,
+                    target=dg.AssetSelection.assets(restore_test_key(store.name)),
+                    description=f"Weekly restore test of {store.name}.",
+                )
+            )
+    for group in spec.volumes:
+        schedules.append(
+            dg.ScheduleDefinition(
+                name=f"snapshot_{group.name}",
+                cron_schedule=group.schedule,
+                execution_timezone=timezone,
+                target=dg.AssetSelection.assets(snapshot_key(group.name)),
+                description=f"Volume snapshots of group {group.name}.",
+            )
+        )
+    return schedules
+
+
+def _backup_schedule(store: Datastore, job: UnresolvedAssetJobDefinition, timezone: str) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name=f"backup_{store.name}_schedule",
+        cron_schedule=store.schedule,
+        execution_timezone=timezone,
+        job=job,
+        description=f"Back up {store.name} at `{store.schedule}` ({timezone}) into that day's partition.",
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        scheduled = context.scheduled_execution_time
+        partition = partition_for(scheduled)
+        return dg.RunRequest(
+            run_key=f"{store.name}-{scheduled.isoformat()}",
+            partition_key=partition,
+            tags={"ops_platform/scheduled_for": scheduled.isoformat()},
+        )
+
+    return _schedule

@@ -1,0 +1,41 @@
+"""Schedules from the spec: backups at each datastore's cron into that day's
+partition, snapshots every 6 h, restore tests weekly, all in the platform's timezone."""
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+
+from ops_platform.definitions import build_definitions
+from ops_platform.spec import DEFAULT_SPEC_PATH, load_spec
+
+SPEC = load_spec(DEFAULT_SPEC_PATH)
+DEFS = build_definitions(SPEC, "local")
+
+
+def test_every_datastore_volume_and_restore_test_has_a_schedule():
+    names = {schedule.name for schedule in DEFS.schedules}
+    for store in SPEC.datastores:
+        assert f"backup_{store.name}_schedule" in names
+        assert f"restore_test_{store.name}" in names
+    for group in SPEC.volumes:
+        assert f"snapshot_{group.name}" in names
+
+
+def test_cadences_follow_the_spec():
+    schedules = {schedule.name: schedule for schedule in DEFS.schedules}
+    assert schedules["backup_postgres_main_schedule"].cron_schedule == "0 2 * * *"
+    assert schedules["snapshot_data"].cron_schedule == "0 */6 * * *"
+    assert schedules["restore_test_postgres_main"].cron_schedule == "0 4 * * 0"
+    assert {s.execution_timezone for s in DEFS.schedules} == {"Asia/Seoul"}
+
+
+def test_backup_schedule_requests_the_partition_of_its_day():
+    schedule = next(s for s in DEFS.schedules if s.name == "backup_postgres_main_schedule")
+    when = datetime(2026, 11, 22, 2, 0, tzinfo=ZoneInfo("Asia/Seoul"))
+    with dg.build_schedule_context(scheduled_execution_time=when, repository_def=DEFS.get_repository_def()) as context:
+        request = schedule.evaluate_tick(context).run_requests[0]
+    assert request.partition_key == "2026-11-22"
+    assert request.run_key == f"postgres_main-{when.isoformat()}"
+    job = DEFS.resolve_job_def("backup_postgres_main")
+    assert "2026-11-22" in job.partitions_def.get_partition_keys(current_time=when)
