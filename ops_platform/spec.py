@@ -243,6 +243,8 @@ class VolumeGroup(_Model):
     namespaces: list[str] = []
     schedule: Cron = "0 */6 * * *"
     keep: int = Field(default=8, ge=1)
+    snapshot_class: str | None = None  # VolumeSnapshotClass; unset: the cluster's default
+    ready_timeout_minutes: int = Field(default=30, ge=1)
     ebs_volume_tags: dict[str, str] = {}
 
     @field_validator("selector")

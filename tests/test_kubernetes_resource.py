@@ -215,3 +215,9 @@ def test_wait_outlasting_the_request_timeout(kubeconfig_path, kube_api):
     kube.apply(CONFIGMAP)
     threading.Timer(3.5, lambda: kube_api.delete_object("v1", "configmaps", "ops-settings", "default")).start()
     assert kube.wait_for("v1", "ConfigMap", "ops-settings", "default", deleted(), timeout=10) is None
+
+
+def test_list_in_a_missing_namespace_is_a_clear_error(kube, kube_api):
+    kube_api.fail_next("GET", r"/namespaces/nowhere/configmaps", 404, message='namespaces "nowhere" not found')
+    with pytest.raises(KubernetesError, match="listing ConfigMap .* in namespace nowhere .*404"):
+        kube.list("v1", "ConfigMap", "nowhere")

@@ -1,22 +1,49 @@
 """`snapshots/<volume_group>`: CSI VolumeSnapshots (and EBS snapshots) of a group of volumes."""
 
+import os
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from ops_platform.assets.keys import SNAPSHOTS_GROUP, layer_key, snapshot_key
-from ops_platform.errors import NotImplementedYetError
+from ops_platform.metadata import table
 from ops_platform.resources.kubernetes import KubernetesResource
+from ops_platform.resources.object_store import ObjectStoreResource, aws_client
+from ops_platform.snapshots import SnapshotError, VolumeGroupSnapshot, snapshot_volume_group
 from ops_platform.spec import Spec, VolumeGroup
 
 
+class SnapshotConfig(dg.Config):
+    dry_run: bool | None = None  # unset: OPS_DRY_RUN
+
+
+def dry_run_requested(configured: bool | None) -> bool:
+    if configured is not None:
+        return configured
+    return os.environ.get("OPS_DRY_RUN", "0").strip().lower() in ("1", "true", "yes")
+
+
 def build_snapshot_assets(spec: Spec) -> list[dg.AssetsDefinition]:
-    storage = [layer_key("storage")] if any(l.name == "storage" for l in spec.layers) else []
+    storage = [layer_key("storage")] if any(layer.name == "storage" for layer in spec.layers) else []
     return [_snapshot_asset(spec, group, storage) for group in spec.volumes]
 
 
-def _snapshot_asset(
-    spec: Spec, group: VolumeGroup, deps: list[dg.AssetKey]
-) -> dg.AssetsDefinition:
+def snapshot_metadata(result: VolumeGroupSnapshot, dry_run: bool) -> dict[str, object]:
+    totals = result.totals()
+    return {
+        "dry_run": dry_run,
+        "volumes": int(totals["volumes"]),
+        "ready": int(totals["ready"]),
+        "failed": int(totals["failed"]),
+        "restore_size_bytes": dg.MetadataValue.int(int(totals["restore_size_bytes"])),
+        "max_wait_seconds": float(totals["max_seconds_waited"]),
+        "snapshots": table(result.volume_rows()),
+        "pruned": table(result.pruned_rows()),
+        "skipped": table(result.skipped_rows()),
+    }
+
+
+def _snapshot_asset(spec: Spec, group: VolumeGroup, deps: list[dg.AssetKey]) -> dg.AssetsDefinition:
     @dg.asset(
         key=snapshot_key(group.name),
         deps=deps,
@@ -26,16 +53,39 @@ def _snapshot_asset(
         description=(
             f"Volume snapshots of PVCs matching `{group.selector}`"
             + (f" in {', '.join(group.namespaces)}" if group.namespaces else "")
+            + (f" and EBS volumes tagged {group.ebs_volume_tags}" if group.ebs_volume_tags else "")
             + f"; keeps the last {group.keep}."
         ),
         metadata={"selector": group.selector, "keep": group.keep},
     )
-    def _snapshot(context: dg.AssetExecutionContext, kubernetes: KubernetesResource) -> None:
-        kubernetes.get_client()
-        raise NotImplementedYetError(
-            "snapshots",
-            f"snapshotting volume group '{group.name}'",
-            "the backups, snapshots and restore tests issue",
-        )
+    def _snapshot(
+        context: dg.AssetExecutionContext,
+        config: SnapshotConfig,
+        kubernetes: KubernetesResource,
+        object_store: ObjectStoreResource,
+    ) -> dg.MaterializeResult:
+        dry_run = dry_run_requested(config.dry_run)
+        ec2 = None
+        if group.ebs_volume_tags:
+            ec2 = aws_client(
+                "ec2",
+                region=object_store.region,
+                endpoint_url=object_store.endpoint_url,
+                needed_for=f"EBS snapshots of volume group '{group.name}'",
+            )
+        try:
+            result = snapshot_volume_group(
+                group,
+                kubernetes.get_client(),
+                ec2,
+                snapshot_class=group.snapshot_class,
+                run_id=context.run.run_id,
+                clock=lambda: datetime.now(UTC),
+                timeout=group.ready_timeout_minutes * 60.0,
+                dry_run=dry_run,
+            )
+        except SnapshotError as error:
+            raise dg.Failure(str(error), metadata=snapshot_metadata(error.result, dry_run)) from None
+        return dg.MaterializeResult(metadata=snapshot_metadata(result, dry_run))
 
     return _snapshot

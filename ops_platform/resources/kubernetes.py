@@ -165,15 +165,22 @@ class KubernetesClient:
         field_selector: str | None = None,
     ) -> list[dict[str, Any]]:
         resource = self.kind(api_version, kind)
-        found = self._call(
-            f"list {kind} ({api_version})",
-            lambda: resource.get(
-                namespace=namespace,
-                label_selector=label_selector,
-                field_selector=field_selector,
-                _request_timeout=self.request_timeout,
-            ),
-        )
+        where = f" in namespace {namespace}" if namespace else ""
+        try:
+            found = self._call(
+                f"list {kind} ({api_version})",
+                lambda: resource.get(
+                    namespace=namespace,
+                    label_selector=label_selector,
+                    field_selector=field_selector,
+                    _request_timeout=self.request_timeout,
+                ),
+            )
+        except _NotFound:
+            raise KubernetesError(
+                f"kubernetes: listing {kind} ({api_version}){where} at {self.host} answered 404 "
+                "(does the namespace exist?)"
+            ) from None
         return [item.to_dict() if hasattr(item, "to_dict") else dict(item) for item in found.items]
 
     def apply(
@@ -415,12 +422,15 @@ _CACHE_DIR: Path | None = None
 
 
 def _discovery_cache_file(host: str) -> str:
-    """A discovery cache private to this process, so no stale file from another run is read."""
+    """A discovery cache private to one client, so no stale file of another client or run is read."""
     global _CACHE_DIR
     if _CACHE_DIR is None:
         _CACHE_DIR = Path(tempfile.mkdtemp(prefix="ops-platform-kube-"))
     safe = "".join(ch if ch.isalnum() else "_" for ch in host)
-    return str(_CACHE_DIR / f"discovery-{safe}.json")
+    handle, path = tempfile.mkstemp(prefix=f"discovery-{safe}-", suffix=".json", dir=_CACHE_DIR)
+    os.close(handle)
+    os.unlink(path)
+    return path
 
 
 class KubernetesResource(dg.ConfigurableResource):

@@ -1,0 +1,520 @@
+"""Elasticsearch: a snapshot into the cluster's registered repository (InfraSpec §7.1).
+
+The snapshot's bytes live in the Elasticsearch repository (an S3 bucket the
+cluster writes to), not in our object store. What the catalog stores is one
+small artifact, ``snapshot.json`` (the snapshot info as Elasticsearch reports
+it), so every backup still has a checksummed record and a manifest.
+
+Backup: check the repository is registered and verified, count the documents
+of each index, ``PUT _snapshot/<repo>/<name>?wait_for_completion=false``, poll
+``GET _snapshot/<repo>/<name>`` until SUCCESS (FAILED or PARTIAL fail the
+backup with the shard failures; a timeout aborts the snapshot).
+
+Restore test: ``POST _snapshot/<repo>/<name>/_restore`` with
+``rename_pattern``/``rename_replacement`` so every index comes back as
+``<rename_prefix><index>``, without aliases or global state, then ``_count``
+each one; on exit only the indices this restore created are deleted.
+
+Counts are taken just before the snapshot starts: an index written during the
+snapshot may hold more documents in the snapshot than counted. Set
+``counts_tolerance`` for indices that are written all the time (today's logs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from ops_platform.backups.base import (
+    Artifact,
+    BackupError,
+    BackupJob,
+    BackupOutcome,
+    QueryResult,
+    RestoreError,
+    RestoreRefused,
+    Verification,
+)
+from ops_platform.backups.restore_test import resolve
+from ops_platform.errors import OpsPlatformError, ServerUnreachableError
+from ops_platform.resources.object_store import ObjectStore
+from ops_platform.spec import RestoreTest
+
+SNAPSHOT_ARTIFACT = "snapshot.json"
+FINAL_STATES = ("SUCCESS", "FAILED", "PARTIAL", "INCOMPATIBLE")
+# Index names: lowercase, no \ / * ? " < > | space , #, not starting with - _ +.
+_INDEX_NAME = re.compile(r'^[^-_+A-Z\\/*?"<>| ,#:][^A-Z\\/*?"<>| ,#:]*$')
+
+
+class ElasticsearchError(OpsPlatformError):
+    """Elasticsearch answered with an error; carries its status and error type."""
+
+    def __init__(self, message: str, status: int, error_type: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+
+
+class ElasticsearchClient:
+    """The few REST calls the snapshot driver needs, over ``requests`` with basic auth.
+
+    ``setting`` names where the URL comes from, for error messages
+    (``connection.url of datastore 'elasticsearch_logs'``); ``password_setting``
+    names where the password comes from. The password itself never appears in
+    a message.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        user: str | None,
+        password: str | None,
+        setting: str,
+        password_setting: str | None = None,
+        timeout: float = 30.0,
+        verify: bool | str = True,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.user = user
+        self.setting = setting
+        self.password_setting = password_setting
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self.session.verify = verify
+        if user:
+            self.session.auth = (user, password or "")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        address = f"{self.url}{path}"
+        try:
+            response = self.session.request(
+                method, address, json=body, params=params, timeout=timeout or self.timeout
+            )
+        except requests.ConnectionError as error:
+            reason = "connection refused" if "refused" in str(error).lower() else "no connection"
+            raise ServerUnreachableError("elasticsearch", self.url, self.setting, reason) from None
+        except requests.Timeout:
+            raise ServerUnreachableError(
+                "elasticsearch", self.url, self.setting, f"no answer within {timeout or self.timeout:g} s"
+            ) from None
+        if response.status_code == 401:
+            who = f"user '{self.user}'" if self.user else "no credentials"
+            check = f"{self.password_setting} and the user" if self.password_setting else "the user and password"
+            raise ElasticsearchError(
+                f"elasticsearch: authentication failed at {self.url} with {who} (check {check})", 401,
+                "security_exception",
+            )
+        if method == "HEAD":
+            return response.status_code == 200
+        try:
+            document = response.json()
+        except ValueError:
+            document = None
+        if response.status_code >= 400:
+            error_type, reason = _error_of(document, response.text)
+            raise ElasticsearchError(
+                f"elasticsearch: {method} {path} at {self.url} failed ({response.status_code} {error_type}: {reason})",
+                response.status_code,
+                error_type,
+            )
+        if document is None:
+            raise ElasticsearchError(
+                f"elasticsearch: {method} {path} at {self.url} answered {response.status_code} "
+                f"with a body that is not JSON: {response.text[:200]!r}",
+                response.status_code,
+                None,
+            )
+        return document
+
+    def version(self) -> str:
+        return str(self.request("GET", "/")["version"]["number"])
+
+    def open_indices(self, patterns: list[str]) -> list[str]:
+        expression = quote(",".join(patterns), safe=",*")
+        rows = self.request(
+            "GET", f"/_cat/indices/{expression}",
+            params={"format": "json", "h": "index,status", "expand_wildcards": "open"},
+        )
+        return sorted(row["index"] for row in rows if row.get("status", "open") == "open")
+
+    def count(self, index: str) -> int:
+        return int(self.request("GET", f"/{quote(index, safe='')}/_count")["count"])
+
+    def index_exists(self, index: str) -> bool:
+        return bool(self.request("HEAD", f"/{quote(index, safe='')}"))
+
+    def delete_index(self, index: str) -> None:
+        self.request("DELETE", f"/{quote(index, safe='')}")
+
+    def snapshot(self, repository: str, name: str) -> dict[str, Any] | None:
+        try:
+            found = self.request("GET", f"/_snapshot/{quote(repository, safe='')}/{quote(name, safe='')}")
+        except ElasticsearchError as error:
+            if error.status == 404 and error.error_type == "snapshot_missing_exception":
+                return None
+            raise
+        snapshots = found.get("snapshots") or []
+        return snapshots[0] if snapshots else None
+
+    def delete_snapshot(self, repository: str, name: str) -> None:
+        self.request("DELETE", f"/_snapshot/{quote(repository, safe='')}/{quote(name, safe='')}")
+
+
+def _error_of(document: Any, text: str) -> tuple[str, str]:
+    if isinstance(document, dict) and isinstance(document.get("error"), dict):
+        error = document["error"]
+        return str(error.get("type", "error")), str(error.get("reason", ""))
+    if isinstance(document, dict) and isinstance(document.get("error"), str):
+        return "error", document["error"]
+    return "error", text[:200]
+
+
+@dataclass
+class RestoredIndices:
+    """Indices restored under ``<rename_prefix><index>`` in the target cluster."""
+
+    client: ElasticsearchClient
+    renames: dict[str, str]  # source index -> restored index
+    description: str
+    owned: list[str] = field(default_factory=list)  # absent before this restore: ours to delete
+
+    def counts(self) -> dict[str, int]:
+        return {f"docs:{source}": self.client.count(restored) for source, restored in self.renames.items()}
+
+    def run_queries(self, queries: list[str]) -> list[QueryResult]:
+        """``verify_keys`` are index names (as in the source) that must have been restored."""
+        results = []
+        for index in queries:
+            restored = self.renames.get(index, index)
+            try:
+                results.append(QueryResult(index, self.client.count(restored), ok=True))
+            except ElasticsearchError as error:
+                results.append(QueryResult(index, None, ok=False, error=str(error)))
+        return results
+
+
+class ElasticsearchSnapshotDriver:
+    """Backs up a datastore with ``engine: elasticsearch``, ``method: snapshot``.
+
+    ``password_for`` resolves a ``password_env`` name to the password (the
+    Dagster shell passes ``os.environ.get``); the backup itself uses
+    ``job.password``. ``clock`` and ``sleep`` drive the polling.
+    """
+
+    engine = "elasticsearch"
+    method = "snapshot"
+
+    def __init__(
+        self,
+        *,
+        password_for: Callable[[str], str | None] = lambda name: None,
+        snapshot_timeout: float = 3600.0,
+        restore_timeout: float = 3600.0,
+        poll_interval: float = 5.0,
+        request_timeout: float = 30.0,
+        verify_tls: bool | str = True,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.password_for = password_for
+        self.snapshot_timeout = snapshot_timeout
+        self.restore_timeout = restore_timeout
+        self.poll_interval = poll_interval
+        self.request_timeout = request_timeout
+        self.verify_tls = verify_tls
+        self.clock = clock
+        self.sleep = sleep
+
+    def backup(self, job: BackupJob) -> BackupOutcome:
+        datastore = job.datastore
+        options = datastore.elasticsearch
+        if options is None or datastore.connection.url is None:
+            raise BackupError(f"datastore '{datastore.name}' needs connection.url and an 'elasticsearch' section")
+        connection = datastore.connection
+        client = self._client(
+            connection.url, connection.user, job.password,
+            f"connection.url of datastore '{datastore.name}'", connection.password_env,
+        )
+        repository = options.repository
+        version = client.version()
+        self._check_repository(client, repository, datastore.name)
+        indices = client.open_indices(options.indices)
+        if not indices:
+            raise BackupError(
+                f"elasticsearch: no open index at {client.url} matches {', '.join(options.indices)} "
+                f"(check elasticsearch.indices of datastore '{datastore.name}')"
+            )
+        counts = {f"docs:{index}": client.count(index) for index in indices}
+        name = snapshot_name(job.backup_id)
+        client.request(
+            "PUT",
+            f"/_snapshot/{quote(repository, safe='')}/{name}",
+            params={"wait_for_completion": "false"},
+            body={"indices": ",".join(indices), "include_global_state": False,
+                  "ignore_unavailable": False, "partial": False},
+        )
+        info = self._wait_for_snapshot(client, repository, name)
+        stored = job.store.put_bytes(
+            job.artifact_key(SNAPSHOT_ARTIFACT),
+            json.dumps({"repository": repository, "snapshot": info}, indent=2, sort_keys=True).encode(),
+            content_type="application/json",
+        )
+        return BackupOutcome(
+            artifacts=(Artifact.from_stored(SNAPSHOT_ARTIFACT, stored),),
+            source_version=f"elasticsearch {version}",
+            recovery_point=_snapshot_time(info),
+            restore={
+                "format": "elasticsearch-snapshot",
+                "repository": repository,
+                "snapshot": name,
+                "uuid": info.get("uuid"),
+                "indices": indices,
+                "es_version": info.get("version", version),
+                "url": connection.url,
+                "user": connection.user,
+                "password_env": connection.password_env,
+            },
+            counts=counts,
+            details={
+                "repository": repository,
+                "snapshot": name,
+                "indices": len(indices),
+                "shards": info.get("shards", {}),
+                "duration_ms": info.get("duration_in_millis"),
+            },
+        )
+
+    def verify(self, manifest: Any, store: ObjectStore) -> Verification:
+        """The snapshot is still in the repository, in state SUCCESS, with the uuid we recorded."""
+        restore = manifest.restore
+        client = self._client(
+            restore["url"], restore.get("user"), self._password(restore.get("password_env")),
+            f"connection.url of datastore '{manifest.datastore}'", restore.get("password_env"),
+        )
+        checked = {"repository": restore["repository"], "snapshot": restore["snapshot"]}
+        try:
+            info = client.snapshot(restore["repository"], restore["snapshot"])
+        except OpsPlatformError as error:
+            return Verification(False, (str(error),), checked)
+        if info is None:
+            return Verification(
+                False, (f"snapshot {restore['snapshot']} is no longer in repository {restore['repository']}",), checked
+            )
+        problems = []
+        if info.get("state") != "SUCCESS":
+            problems.append(f"snapshot {restore['snapshot']} is in state {info.get('state')}, not SUCCESS")
+        if restore.get("uuid") and info.get("uuid") != restore["uuid"]:
+            problems.append(
+                f"snapshot {restore['snapshot']} has uuid {info.get('uuid')}, the backup recorded {restore['uuid']}"
+            )
+        return Verification(not problems, tuple(problems), {**checked, "state": info.get("state")})
+
+    @contextmanager
+    def restore(
+        self, manifest: Any, store: ObjectStore, restore_test: RestoreTest, work_dir: Path
+    ) -> Iterator[RestoredIndices]:
+        restore = manifest.restore
+        target = restore_test.target
+        target_url = target.url or restore["url"]
+        prefix = restore_test.rename_prefix or ""
+        renames = {index: f"{prefix}{index}" for index in restore["indices"]}
+        self._refuse_overwrite(restore["url"], target_url, prefix, renames)
+        password_env = target.password_env or restore.get("password_env")
+        client = self._client(
+            target_url, target.user or restore.get("user"), self._password(password_env),
+            "restore_test.target.url", password_env,
+        )
+        try:
+            client.version()
+        except ServerUnreachableError as error:
+            raise RestoreError(f"restore target unreachable: {error}") from None
+        restored = RestoredIndices(client, renames, f"elasticsearch {client.url} indices {prefix}*")
+        try:
+            self._clear_leftovers(client, renames, prefix)
+            restored.owned = list(renames.values())
+            answer = client.request(
+                "POST",
+                f"/_snapshot/{quote(restore['repository'], safe='')}/{quote(restore['snapshot'], safe='')}/_restore",
+                params={"wait_for_completion": "true"},
+                body={
+                    "indices": ",".join(renames),
+                    "include_global_state": False,
+                    "include_aliases": False,
+                    **({"rename_pattern": "(.+)", "rename_replacement": f"{prefix}$1"} if prefix else {}),
+                },
+                timeout=self.restore_timeout,
+            )
+            snapshot = answer.get("snapshot") or {}
+            shards = snapshot.get("shards") or {}
+            if shards.get("failed"):
+                raise RestoreError(
+                    f"elasticsearch: restore of snapshot {restore['snapshot']} into {client.url} failed "
+                    f"on {shards['failed']} of {shards.get('total')} shards"
+                )
+            yield restored
+        except ElasticsearchError as error:
+            raise RestoreError(f"restore of snapshot {restore['snapshot']} failed: {error}") from None
+        finally:
+            self._cleanup(restored, prefix)
+
+    def _client(
+        self, url: str, user: str | None, password: str | None, setting: str, password_env: str | None
+    ) -> ElasticsearchClient:
+        return ElasticsearchClient(
+            url, user=user, password=password, setting=setting, password_setting=password_env,
+            timeout=self.request_timeout, verify=self.verify_tls,
+        )
+
+    def _password(self, password_env: str | None) -> str | None:
+        return self.password_for(password_env) if password_env else None
+
+    @staticmethod
+    def _check_repository(client: ElasticsearchClient, repository: str, datastore: str) -> None:
+        path = f"/_snapshot/{quote(repository, safe='')}"
+        try:
+            client.request("GET", path)
+        except ElasticsearchError as error:
+            if error.status == 404:
+                raise BackupError(
+                    f"elasticsearch: snapshot repository '{repository}' is not registered at {client.url} "
+                    f"(check elasticsearch.repository of datastore '{datastore}', or register it with "
+                    f"PUT _snapshot/{repository})"
+                ) from None
+            raise
+        try:
+            client.request("POST", f"{path}/_verify")
+        except ElasticsearchError as error:
+            raise BackupError(
+                f"elasticsearch: snapshot repository '{repository}' failed verification at {client.url}: "
+                f"{error} (check the repository's bucket and the nodes' S3 credentials)"
+            ) from None
+
+    def _wait_for_snapshot(self, client: ElasticsearchClient, repository: str, name: str) -> dict[str, Any]:
+        deadline = self.clock() + self.snapshot_timeout
+        state = "IN_PROGRESS"
+        while True:
+            info = client.snapshot(repository, name)
+            if info is None:
+                raise BackupError(f"elasticsearch: snapshot {name} vanished from repository {repository}")
+            state = info.get("state", "UNKNOWN")
+            if state == "SUCCESS":
+                return info
+            if state in FINAL_STATES:
+                self._discard_snapshot(client, repository, name)
+                raise BackupError(
+                    f"elasticsearch: snapshot {name} in repository {repository} ended {state}: "
+                    f"{_failures(info)}; the snapshot was deleted"
+                )
+            if self.clock() >= deadline:
+                self._discard_snapshot(client, repository, name)
+                raise BackupError(
+                    f"elasticsearch: snapshot {name} in repository {repository} did not finish within "
+                    f"{self.snapshot_timeout:g} s (last state {state}); it was aborted and deleted"
+                )
+            self.sleep(self.poll_interval)
+
+    @staticmethod
+    def _discard_snapshot(client: ElasticsearchClient, repository: str, name: str) -> None:
+        try:
+            client.delete_snapshot(repository, name)
+        except OpsPlatformError:
+            pass  # the backup already failed; this error would hide why
+
+    @staticmethod
+    def _refuse_overwrite(source_url: str, target_url: str, prefix: str, renames: dict[str, str]) -> None:
+        if prefix and not _INDEX_NAME.match(f"{prefix}x"):
+            raise RestoreRefused(
+                f"restore_test.rename_prefix {prefix!r} cannot start an Elasticsearch index name "
+                "(use lowercase letters, digits and '-', e.g. 'restore-test-')"
+            )
+        if not prefix and same_endpoint(source_url, target_url):
+            raise RestoreRefused(
+                f"restore into {target_url} refused before writing anything: it is the source cluster and "
+                "no restore_test.rename_prefix keeps the restored indices apart from the live ones"
+            )
+
+    @staticmethod
+    def _clear_leftovers(client: ElasticsearchClient, renames: dict[str, str], prefix: str) -> None:
+        """Indices of an earlier, interrupted restore test would make this one fail."""
+        for restored in renames.values():
+            if not client.index_exists(restored):
+                continue
+            if not prefix:
+                raise RestoreRefused(
+                    f"index {restored} already exists in the restore target {client.url}; a restore "
+                    "without restore_test.rename_prefix would overwrite it"
+                )
+            client.delete_index(restored)
+
+    @staticmethod
+    def _cleanup(restored: RestoredIndices, prefix: str) -> None:
+        problems = []
+        for index in restored.owned:
+            if not index.startswith(prefix):
+                continue  # never delete an index outside the restore-test prefix
+            try:
+                restored.client.delete_index(index)
+            except ElasticsearchError as error:
+                if error.status != 404:
+                    problems.append(str(error))
+        if problems:
+            raise RestoreError(f"cleanup of the restore test left indices behind: {'; '.join(problems)}")
+
+
+def snapshot_name(backup_id: str) -> str:
+    """Snapshot names must be lowercase: ``ops-20261122t020000z-3f9a1c``."""
+    return f"ops-{backup_id.lower()}"
+
+
+def same_endpoint(url_a: str, url_b: str) -> bool:
+    """Whether two URLs reach the same server (host names compared by resolved address)."""
+    a, b = urlsplit(url_a), urlsplit(url_b)
+    default = {"http": 80, "https": 443}
+    port_a = a.port or default.get(a.scheme, 0)
+    port_b = b.port or default.get(b.scheme, 0)
+    if port_a != port_b:
+        return False
+    return bool(resolve(a.hostname) & resolve(b.hostname))
+
+
+def _failures(info: dict[str, Any]) -> str:
+    failures = info.get("failures") or []
+    shards = info.get("shards") or {}
+    described = [
+        f"{failure.get('index')}[{failure.get('shard_id')}]: {failure.get('reason')}" for failure in failures[:5]
+    ]
+    summary = f"{shards.get('failed', len(failures))} of {shards.get('total', '?')} shards failed"
+    if info.get("reason"):
+        summary += f" ({info['reason']})"
+    return summary + (f" - {'; '.join(described)}" if described else "")
+
+
+def _snapshot_time(info: dict[str, Any]) -> datetime:
+    """A snapshot holds the data as of its start."""
+    millis = info.get("start_time_in_millis")
+    if isinstance(millis, int):
+        return datetime.fromtimestamp(millis / 1000, tz=UTC)
+    started = info.get("start_time")
+    if isinstance(started, str):
+        return datetime.fromisoformat(started.replace("Z", "+00:00"))
+    return datetime.now(UTC)

@@ -1,0 +1,354 @@
+"""Velero: a Backup made from the template of the datastore's Schedule (infra plan §11.1).
+
+Everything goes through the Kubernetes API (``velero.io/v1`` custom
+resources); the bytes live in Velero's BackupStorageLocation. The catalog
+stores ``backup.json``, the finished Backup object, as the checksummed record.
+
+Backup: read Schedule ``velero.schedule`` in ``connection.namespace``, create
+Backup ``<schedule>-ops-<backup_id>`` from its ``spec.template`` (labelled
+``velero.io/schedule-name`` like the backups Velero makes itself, namespaces
+narrowed to ``velero.included_namespaces`` when set), wait for a final phase.
+Completed is a backup; Failed, PartiallyFailed and FailedValidation are not.
+Counts: ``status.progress.itemsBackedUp``.
+
+Restore test: every backed-up namespace is mapped to a scratch namespace
+(``namespaceMapping``): one namespace goes to ``restore_test.target.namespace``;
+several go to ``<rename_prefix><ns>`` or, without a prefix,
+``<target.namespace>-<ns>``. The Restore leaves cluster-scoped resources alone
+(``includeClusterResources: false``) and never overwrites what exists (no
+``existingResourcePolicy``), so nothing outside the scratch namespaces is
+written. Scratch namespaces are created by the driver with a label; one that
+exists without it is refused (it would be deleted afterwards). On exit the
+Restore and the scratch namespaces are deleted.
+
+Limits: ``itemsRestored`` only matches ``itemsBackedUp`` when the backup holds
+no cluster-scoped items (schedule template ``includeClusterResources: false``);
+otherwise the restore test reports the difference. Volume contents are not
+checked: a restored PVC is provisioned anew without cluster resources. A
+Backup that times out cannot be cancelled through the API; it is left to
+Velero and the message says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ops_platform.backups.base import (
+    Artifact,
+    BackupError,
+    BackupJob,
+    BackupOutcome,
+    QueryResult,
+    RestoreError,
+    RestoreRefused,
+    Verification,
+)
+from ops_platform.errors import OpsPlatformError
+from ops_platform.resources.kubernetes import Condition, KubernetesClient, WaitTimeout, deleted
+from ops_platform.resources.object_store import ObjectStore
+from ops_platform.spec import RestoreTest
+
+VELERO_API = "velero.io/v1"
+BACKUP_ARTIFACT = "backup.json"
+SCHEDULE_LABEL = "velero.io/schedule-name"
+BACKUP_ID_LABEL = "ops-platform/backup-id"
+RESTORE_TEST_LABEL = "ops-platform/restore-test"
+DONE_PHASES = ("Completed", "Failed", "PartiallyFailed", "FailedValidation")
+PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def finished() -> Condition:
+    return Condition(
+        f"reach a final phase ({', '.join(DONE_PHASES)})",
+        lambda obj: obj is not None and (obj.get("status") or {}).get("phase") in DONE_PHASES,
+    )
+
+
+@dataclass
+class RestoredNamespaces:
+    """Backed-up namespaces restored into scratch namespaces."""
+
+    kube: KubernetesClient
+    velero_namespace: str
+    restore_name: str
+    mapping: dict[str, str]  # source namespace -> scratch namespace
+    description: str
+    restore: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        progress = (self.restore.get("status") or {}).get("progress") or {}
+        return {"items": int(progress.get("itemsRestored", 0))}
+
+    def run_queries(self, queries: list[str]) -> list[QueryResult]:
+        """``verify_keys`` name objects that must exist after the restore:
+        ``<apiVersion> <Kind> <source namespace>/<name>``, e.g. ``apps/v1 Deployment ontology-editor/onto-backend``;
+        each is looked up in the scratch namespace its namespace maps to."""
+        results = []
+        for query in queries:
+            try:
+                api_version, kind, where = query.split()
+                source_namespace, name = where.split("/", 1)
+            except ValueError:
+                results.append(QueryResult(query, None, ok=False,
+                                           error="expected '<apiVersion> <Kind> <namespace>/<name>'"))
+                continue
+            scratch = self.mapping.get(source_namespace)
+            if scratch is None:
+                results.append(QueryResult(query, None, ok=False,
+                                           error=f"namespace {source_namespace} is not in the backup"))
+                continue
+            try:
+                found = self.kube.get(api_version, kind, name, scratch) is not None
+            except OpsPlatformError as error:
+                results.append(QueryResult(query, None, ok=False, error=str(error)))
+                continue
+            results.append(QueryResult(query, found, ok=found,
+                                       error=None if found else f"{kind} {scratch}/{name} was not restored"))
+        return results
+
+
+class VeleroBackupDriver:
+    """Backs up a datastore with ``engine: velero``, ``method: velero`` through the Kubernetes API."""
+
+    engine = "velero"
+    method = "velero"
+
+    def __init__(
+        self,
+        kube: KubernetesClient,
+        *,
+        backup_timeout: float = 3600.0,
+        restore_timeout: float = 3600.0,
+        namespace_timeout: float = 300.0,
+    ) -> None:
+        self.kube = kube
+        self.backup_timeout = backup_timeout
+        self.restore_timeout = restore_timeout
+        self.namespace_timeout = namespace_timeout
+
+    def backup(self, job: BackupJob) -> BackupOutcome:
+        datastore = job.datastore
+        options = datastore.velero
+        velero_namespace = datastore.connection.namespace
+        if options is None or velero_namespace is None:
+            raise BackupError(f"datastore '{datastore.name}' needs connection.namespace and a 'velero' section")
+        schedule = self.kube.get(VELERO_API, "Schedule", options.schedule, velero_namespace)
+        if schedule is None:
+            raise BackupError(
+                f"velero: no Schedule '{options.schedule}' in namespace {velero_namespace} at {self.kube.host} "
+                f"(check velero.schedule and connection.namespace of datastore '{datastore.name}')"
+            )
+        template = dict((schedule.get("spec") or {}).get("template") or {})
+        if options.included_namespaces:
+            template["includedNamespaces"] = list(options.included_namespaces)
+        name = backup_name(options.schedule, job.backup_id)
+        self.kube.apply({
+            "apiVersion": VELERO_API,
+            "kind": "Backup",
+            "metadata": {
+                "name": name,
+                "namespace": velero_namespace,
+                "labels": {SCHEDULE_LABEL: options.schedule, BACKUP_ID_LABEL: job.backup_id.lower()},
+            },
+            "spec": template,
+        })
+        try:
+            done = self.kube.wait_for(VELERO_API, "Backup", name, velero_namespace, finished(),
+                                      timeout=self.backup_timeout)
+        except WaitTimeout:
+            raise BackupError(
+                f"velero: Backup {velero_namespace}/{name} did not finish within {self.backup_timeout:g} s; "
+                f"Velero may still complete it (`velero backup describe {name}`, "
+                f"`velero backup delete {name}` to drop it)"
+            ) from None
+        assert done is not None
+        status = done.get("status") or {}
+        if status.get("phase") != "Completed":
+            raise BackupError(f"velero: Backup {velero_namespace}/{name} ended {_outcome(status)}")
+        stored = job.store.put_bytes(
+            job.artifact_key(BACKUP_ARTIFACT),
+            json.dumps(done, indent=2, sort_keys=True, default=str).encode(),
+            content_type="application/json",
+        )
+        progress = status.get("progress") or {}
+        annotations = (done.get("metadata") or {}).get("annotations") or {}
+        kubernetes_version = annotations.get("velero.io/source-cluster-k8s-gitversion", "unknown")
+        return BackupOutcome(
+            artifacts=(Artifact.from_stored(BACKUP_ARTIFACT, stored),),
+            source_version=f"velero backup format {status.get('formatVersion', '?')}, kubernetes {kubernetes_version}",
+            recovery_point=_timestamp(status.get("startTimestamp")) or job.now().astimezone(UTC),
+            restore={
+                "format": "velero-backup",
+                "backup_name": name,
+                "velero_namespace": velero_namespace,
+                "schedule": options.schedule,
+                "included_namespaces": list(template.get("includedNamespaces") or []),
+            },
+            counts={"items": int(progress.get("itemsBackedUp", 0))},
+            details={
+                "backup": f"{velero_namespace}/{name}",
+                "total_items": progress.get("totalItems"),
+                "warnings": status.get("warnings", 0),
+                "expiration": status.get("expiration"),
+                "storage_location": template.get("storageLocation"),
+            },
+        )
+
+    def verify(self, manifest: Any, store: ObjectStore) -> Verification:
+        """The Backup still exists in the cluster and is Completed."""
+        restore = manifest.restore
+        checked = {"backup": f"{restore['velero_namespace']}/{restore['backup_name']}"}
+        try:
+            found = self.kube.get(VELERO_API, "Backup", restore["backup_name"], restore["velero_namespace"])
+        except OpsPlatformError as error:
+            return Verification(False, (str(error),), checked)
+        if found is None:
+            return Verification(False, (f"velero Backup {checked['backup']} no longer exists (expired or deleted)",),
+                                checked)
+        phase = (found.get("status") or {}).get("phase")
+        if phase != "Completed":
+            return Verification(False, (f"velero Backup {checked['backup']} is {phase}, not Completed",), checked)
+        return Verification(True, (), {**checked, "phase": phase})
+
+    @contextmanager
+    def restore(
+        self, manifest: Any, store: ObjectStore, restore_test: RestoreTest, work_dir: Path
+    ) -> Iterator[RestoredNamespaces]:
+        restore = manifest.restore
+        velero_namespace = restore["velero_namespace"]
+        mapping = scratch_namespaces(
+            restore["included_namespaces"], velero_namespace, restore_test.target.namespace,
+            restore_test.rename_prefix,
+        )
+        self._refuse_foreign_namespaces(mapping, manifest.datastore)
+        restore_name = f"ops-restore-{manifest.backup_id.lower()}-{secrets.token_hex(3)}"
+        restored = RestoredNamespaces(
+            self.kube, velero_namespace, restore_name, mapping,
+            f"velero restore {restore['backup_name']} into namespaces {', '.join(mapping.values())}",
+        )
+        try:
+            for scratch in mapping.values():
+                self.kube.apply({"apiVersion": "v1", "kind": "Namespace",
+                                 "metadata": {"name": scratch, "labels": {RESTORE_TEST_LABEL: manifest.datastore}}})
+            self.kube.apply({
+                "apiVersion": VELERO_API,
+                "kind": "Restore",
+                "metadata": {"name": restore_name, "namespace": velero_namespace,
+                             "labels": {RESTORE_TEST_LABEL: manifest.datastore}},
+                "spec": {
+                    "backupName": restore["backup_name"],
+                    "includedNamespaces": list(mapping),
+                    "namespaceMapping": mapping,
+                    "includeClusterResources": False,
+                },
+            })
+            try:
+                done = self.kube.wait_for(VELERO_API, "Restore", restore_name, velero_namespace, finished(),
+                                          timeout=self.restore_timeout)
+            except WaitTimeout:
+                raise RestoreError(
+                    f"velero: Restore {velero_namespace}/{restore_name} did not finish within "
+                    f"{self.restore_timeout:g} s; it and the scratch namespaces were deleted"
+                ) from None
+            assert done is not None
+            status = done.get("status") or {}
+            if status.get("phase") != "Completed":
+                raise RestoreError(f"velero: Restore {velero_namespace}/{restore_name} ended {_outcome(status)}")
+            restored.restore = done
+            yield restored
+        finally:
+            self._cleanup(restored)
+
+    def _refuse_foreign_namespaces(self, mapping: dict[str, str], datastore: str) -> None:
+        for scratch in mapping.values():
+            existing = self.kube.get("v1", "Namespace", scratch)
+            if existing is None:
+                continue
+            labels = (existing.get("metadata") or {}).get("labels") or {}
+            if labels.get(RESTORE_TEST_LABEL) != datastore:
+                raise RestoreRefused(
+                    f"scratch namespace {scratch} already exists and was not made by a restore test of "
+                    f"'{datastore}' (no label {RESTORE_TEST_LABEL}={datastore}); refusing to restore into it, "
+                    "since the restore test deletes its scratch namespaces (check restore_test.target.namespace)"
+                )
+            self.kube.delete("v1", "Namespace", scratch)  # left by an interrupted restore test
+            try:
+                self.kube.wait_for("v1", "Namespace", scratch, None, deleted(), timeout=self.namespace_timeout)
+            except WaitTimeout:
+                raise RestoreError(
+                    f"velero: leftover scratch namespace {scratch} is still terminating after "
+                    f"{self.namespace_timeout:g} s"
+                ) from None
+
+    def _cleanup(self, restored: RestoredNamespaces) -> None:
+        problems = []
+        for api_version, kind, name, namespace in [
+            (VELERO_API, "Restore", restored.restore_name, restored.velero_namespace),
+            *(("v1", "Namespace", scratch, None) for scratch in restored.mapping.values()),
+        ]:
+            try:
+                self.kube.delete(api_version, kind, name, namespace)
+            except OpsPlatformError as error:
+                problems.append(str(error))
+        if problems:
+            raise RestoreError(f"velero: cleanup of the restore test failed: {'; '.join(problems)}")
+
+
+def backup_name(schedule: str, backup_id: str) -> str:
+    return f"{schedule}-ops-{backup_id.lower()}"
+
+
+def scratch_namespaces(
+    backed_up: list[str], velero_namespace: str, target: str | None, prefix: str | None
+) -> dict[str, str]:
+    """Where each backed-up namespace is restored; refuses any mapping that could touch a live namespace."""
+    if not backed_up or "*" in backed_up:
+        raise RestoreRefused(
+            "the backup covers every namespace; a restore test maps named namespaces only "
+            "(set velero.included_namespaces or the schedule template's includedNamespaces)"
+        )
+    if not target and not prefix:
+        raise RestoreRefused("restore_test.target.namespace is required for a velero restore test")
+    if prefix:
+        mapping = {namespace: f"{prefix}{namespace}" for namespace in backed_up}
+    elif len(backed_up) == 1:
+        mapping = {backed_up[0]: str(target)}
+    else:
+        mapping = {namespace: f"{target}-{namespace}" for namespace in backed_up}
+    live = set(backed_up) | {velero_namespace, *PROTECTED_NAMESPACES}
+    for source, scratch in mapping.items():
+        if scratch in live:
+            raise RestoreRefused(
+                f"restore of namespace {source} into {scratch} refused before writing anything: {scratch} is "
+                "a backed-up, Velero or system namespace (check restore_test.target.namespace and rename_prefix)"
+            )
+        if not _DNS_LABEL.match(scratch):
+            raise RestoreRefused(f"scratch namespace name {scratch!r} is not a valid namespace name (63 chars max)")
+    return mapping
+
+
+def _outcome(status: dict[str, Any]) -> str:
+    parts = [str(status.get("phase"))]
+    if status.get("failureReason"):
+        parts.append(f"failure reason: {status['failureReason']}")
+    if status.get("validationErrors"):
+        parts.append(f"validation errors: {'; '.join(status['validationErrors'])}")
+    parts.append(f"{status.get('errors', 0)} errors, {status.get('warnings', 0)} warnings")
+    return " - ".join(parts) + " (see `velero backup logs` / `velero restore logs`)"
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None

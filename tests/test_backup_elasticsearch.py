@@ -1,0 +1,206 @@
+"""ElasticsearchSnapshotDriver against the fake Elasticsearch REST API (tests/fakes/elasticsearch.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
+from ops_platform.backups.catalog import BackupCatalog
+from ops_platform.backups.elasticsearch_snapshot import ElasticsearchSnapshotDriver, snapshot_name
+from ops_platform.errors import OpsPlatformError, ServerUnreachableError
+from ops_platform.local_servers.process import free_port
+from ops_platform.resources.object_store import LocalObjectStore
+from ops_platform.spec import Datastore, RestoreTest
+from tests.fakes.elasticsearch import ElasticsearchFake
+
+PASSWORD = "es-secret"
+PREFIX = "restore-test-"
+
+
+@pytest.fixture
+def es() -> Iterator[ElasticsearchFake]:
+    with ElasticsearchFake(password=PASSWORD) as fake:
+        fake.indices.update({"logs-2026.11.21": 1200, "logs-2026.11.22": 340, "onto-concepts": 2000, "other": 7})
+        fake.add_repository("onto-snapshots")
+        yield fake
+
+
+def spec(url: str, *, target_url: str | None = None, prefix: str | None = PREFIX) -> Datastore:
+    return Datastore.model_validate({
+        "name": "elasticsearch_logs",
+        "engine": "elasticsearch",
+        "method": "snapshot",
+        "connection": {"url": url, "user": "ops_backup", "password_env": "ES_PASSWORD"},
+        "elasticsearch": {"repository": "onto-snapshots", "indices": ["logs-*", "onto-*"]},
+        "restore_test": {"target": {"url": target_url or url}, "rename_prefix": prefix,
+                         "verify_keys": ["onto-concepts"]},
+    })
+
+
+def driver(**overrides) -> ElasticsearchSnapshotDriver:
+    options = {"password_for": {"ES_PASSWORD": PASSWORD}.get, "poll_interval": 0.01, "snapshot_timeout": 5.0}
+    return ElasticsearchSnapshotDriver(**{**options, **overrides})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalObjectStore:
+    return LocalObjectStore(tmp_path / "store")
+
+
+def test_backup_verify_restore_and_cleanup(es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path) -> None:
+    datastore = spec(es.url)
+    catalog = BackupCatalog(store, datastore.name)
+    manifest = catalog.run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+
+    assert catalog.latest() == manifest
+    assert manifest.counts == {"docs:logs-2026.11.21": 1200, "docs:logs-2026.11.22": 340, "docs:onto-concepts": 2000}
+    assert [a.name for a in manifest.artifacts] == ["snapshot.json"]
+    assert catalog.verify_artifacts(manifest) == []
+    record = json.loads(store.get_bytes(manifest.artifacts[0].key))
+    assert record["snapshot"]["state"] == "SUCCESS" and record["repository"] == "onto-snapshots"
+    assert manifest.restore["snapshot"] == snapshot_name(manifest.backup_id)
+    assert manifest.source_version == "elasticsearch 8.15.0"
+    assert PASSWORD not in manifest.to_json().decode()
+    snapshot_puts = [r for r in es.requests if r.method == "PUT"]
+    assert snapshot_puts[0].query == {"wait_for_completion": "false"}
+    assert snapshot_puts[0].body["include_global_state"] is False
+    assert "other" not in snapshot_puts[0].body["indices"]
+
+    assert driver().verify(manifest, store).ok
+    es.indices["onto-concepts"] = 2500  # written after the snapshot: the restore shows the snapshot's data
+
+    with driver().restore(manifest, store, datastore.restore_test, tmp_path) as restored:
+        assert restored.counts() == manifest.counts
+        assert es.indices[f"{PREFIX}onto-concepts"] == 2000
+        [query] = restored.run_queries(["onto-concepts"])
+        assert query.ok and query.value == 2000
+        assert not restored.run_queries(["never-backed-up"])[0].ok
+    restore_call = next(r for r in es.requests if r.path.endswith("/_restore"))
+    assert restore_call.body["rename_replacement"] == f"{PREFIX}$1"
+    assert restore_call.body["include_aliases"] is False and restore_call.body["include_global_state"] is False
+    assert not [name for name in es.indices if name.startswith(PREFIX)]
+    assert es.indices["onto-concepts"] == 2500 and es.indices["other"] == 7
+
+
+@pytest.mark.parametrize("state", ["FAILED", "PARTIAL"])
+def test_failed_snapshot_fails_the_backup_and_keeps_the_previous_one(
+    es: ElasticsearchFake, store: LocalObjectStore, state: str
+) -> None:
+    datastore = spec(es.url)
+    catalog = BackupCatalog(store, datastore.name)
+    first = catalog.run_backup(driver(), datastore, "2026-11-21", password=PASSWORD)
+    es.fail_next_snapshot(state, reason="IndexShardSnapshotFailedException[disk full]")
+
+    with pytest.raises(BackupError, match=rf"ended {state}: .*shards failed.*disk full") as caught:
+        catalog.run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+
+    assert "the snapshot was deleted" in str(caught.value)
+    assert catalog.latest() == first
+    assert list(store.list("backups/elasticsearch_logs/2026-11-22/")) == []
+    assert [name for _, name in es.snapshots] == [first.restore["snapshot"]]
+
+
+def test_snapshot_that_never_finishes_times_out_and_is_aborted(es: ElasticsearchFake, store: LocalObjectStore) -> None:
+    es.hold_snapshots()
+    datastore = spec(es.url)
+    catalog = BackupCatalog(store, datastore.name)
+
+    with pytest.raises(BackupError, match=r"did not finish within 0.2 s \(last state IN_PROGRESS\); it was aborted"):
+        catalog.run_backup(driver(snapshot_timeout=0.2), datastore, "2026-11-22", password=PASSWORD)
+
+    assert es.snapshots == {} and catalog.latest() is None
+    assert list(store.list("backups/")) == []
+
+
+def test_missing_repository_names_the_spec_field(es: ElasticsearchFake, store: LocalObjectStore) -> None:
+    es.repositories.clear()
+    datastore = spec(es.url)
+    with pytest.raises(BackupError, match=r"repository 'onto-snapshots' is not registered .*elasticsearch.repository"):
+        BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    assert not [r for r in es.requests if r.method == "PUT"]
+
+
+def test_repository_failing_verification_is_reported(es: ElasticsearchFake, store: LocalObjectStore) -> None:
+    es.fail_verification("access denied to bucket onto-snapshots")
+    datastore = spec(es.url)
+    with pytest.raises(BackupError, match=r"failed verification .*access denied"):
+        BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+
+
+def test_server_down_names_url_and_setting(store: LocalObjectStore) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    datastore = spec(url)
+    with pytest.raises(ServerUnreachableError) as caught:
+        BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    message = str(caught.value)
+    assert url in message and "connection.url of datastore 'elasticsearch_logs'" in message
+    assert "refused" in message
+
+
+def test_wrong_password_is_reported_without_the_password(es: ElasticsearchFake, store: LocalObjectStore) -> None:
+    datastore = spec(es.url)
+    with pytest.raises(OpsPlatformError, match="authentication failed .*ops_backup.*ES_PASSWORD") as caught:
+        BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password="wrong-one")
+    assert "wrong-one" not in str(caught.value) and PASSWORD not in str(caught.value)
+
+
+def test_restore_into_the_source_without_prefix_is_refused_before_any_write(
+    es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    writes_before = len(es.writes())
+    same_via_localhost = es.url.replace("127.0.0.1", "localhost")
+    unsafe = RestoreTest(target={"url": same_via_localhost})
+
+    with pytest.raises(RestoreRefused, match="is the source cluster and no restore_test.rename_prefix"):
+        with driver().restore(manifest, store, unsafe, tmp_path):
+            pass
+    assert len(es.writes()) == writes_before
+
+
+def test_restore_target_unreachable_names_the_spec_field(
+    es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RestoreError, match=rf"{down}.*restore_test.target.url"):
+        with driver().restore(manifest, store, RestoreTest(target={"url": down}, rename_prefix=PREFIX), tmp_path):
+            pass
+
+
+def test_cleanup_runs_when_the_check_fails_and_leftovers_are_replaced(
+    es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    es.indices[f"{PREFIX}onto-concepts"] = 1  # left by an interrupted earlier restore test
+
+    with pytest.raises(RuntimeError, match="verification blew up"):
+        with driver().restore(manifest, store, datastore.restore_test, tmp_path) as restored:
+            assert restored.counts()["docs:onto-concepts"] == 2000
+            raise RuntimeError("verification blew up")
+
+    assert not [name for name in es.indices if name.startswith(PREFIX)]
+    assert sorted(es.indices) == ["logs-2026.11.21", "logs-2026.11.22", "onto-concepts", "other"]
+
+
+def test_verify_reports_a_snapshot_deleted_from_the_repository(es: ElasticsearchFake, store: LocalObjectStore) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    es.snapshots.clear()
+    verification = driver().verify(manifest, store)
+    assert not verification.ok
+    assert "no longer in repository onto-snapshots" in verification.problems[0]
+
+
+def test_no_matching_index_is_a_clear_error(es: ElasticsearchFake, store: LocalObjectStore) -> None:
+    datastore = spec(es.url)
+    es.indices.clear()
+    with pytest.raises(BackupError, match=r"no open index .* matches logs-\*, onto-\*"):
+        BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)

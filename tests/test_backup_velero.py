@@ -1,0 +1,295 @@
+"""VeleroBackupDriver against the fake Kubernetes API; the tests play Velero's controller."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
+from ops_platform.backups.catalog import BackupCatalog
+from ops_platform.backups.velero_backup import RESTORE_TEST_LABEL, VELERO_API, VeleroBackupDriver
+from ops_platform.errors import ServerUnreachableError
+from ops_platform.local_servers.process import free_port
+from ops_platform.resources.kubernetes import KubernetesClient, KubernetesResource
+from ops_platform.resources.object_store import LocalObjectStore
+from ops_platform.spec import Datastore, RestoreTest
+from tests.fakes.kube_api import KubeApiServer
+
+Status = dict[str, Any]
+
+
+def crd(kind: str, plural: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.velero.io"},
+        "spec": {
+            "group": "velero.io",
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
+            "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+                          "schema": {"openAPIV3Schema": {"type": "object",
+                                                         "x-kubernetes-preserve-unknown-fields": True}}}],
+        },
+    }
+
+
+SCHEDULE = {
+    "apiVersion": VELERO_API,
+    "kind": "Schedule",
+    "metadata": {"name": "onto-cluster-daily", "namespace": "velero"},
+    "spec": {
+        "schedule": "0 3 * * *",
+        "template": {"includedNamespaces": ["*"], "storageLocation": "default", "ttl": "720h0m0s",
+                     "snapshotVolumes": True},
+    },
+}
+
+
+@pytest.fixture
+def kube(kubeconfig_path: Path, kube_api: KubeApiServer) -> KubernetesClient:
+    client = KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake").get_client()
+    for kind, plural in (("Backup", "backups"), ("Restore", "restores"), ("Schedule", "schedules")):
+        client.apply(crd(kind, plural))
+    client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "velero"}})
+    for namespace in ("ontology-editor", "data"):
+        client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    client.apply(SCHEDULE)
+    return client
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalObjectStore:
+    return LocalObjectStore(tmp_path / "store")
+
+
+def spec(target: str = "velero-restore-test", namespaces: list[str] | None = None) -> Datastore:
+    return Datastore.model_validate({
+        "name": "cluster_state",
+        "engine": "velero",
+        "method": "velero",
+        "connection": {"namespace": "velero"},
+        "velero": {"schedule": "onto-cluster-daily",
+                   "included_namespaces": namespaces if namespaces is not None else ["ontology-editor", "data"]},
+        "restore_test": {"target": {"namespace": target},
+                         "verify_keys": ["apps/v1 Deployment ontology-editor/onto-backend"]},
+    })
+
+
+@contextmanager
+def velero_controller(
+    kube_api: KubeApiServer, plural: str, status_for: Callable[[dict[str, Any]], Status | None],
+    on_done: Callable[[dict[str, Any]], None] = lambda obj: None,
+) -> Iterator[list[dict[str, Any]]]:
+    """Plays Velero: each new object of ``plural`` in namespace velero gets ``status_for(obj)`` as its status."""
+    seen: list[dict[str, Any]] = []
+    stop = threading.Event()
+    rtype = kube_api.state.resolve(VELERO_API, plural)
+
+    def run() -> None:
+        while not stop.wait(0.02):
+            for obj in kube_api.state.list(rtype, "velero", {})["items"]:
+                if obj["metadata"]["name"] in {s["metadata"]["name"] for s in seen}:
+                    continue
+                seen.append(obj)
+                status = status_for(obj)
+                if status is not None:
+                    kube_api.set_status(VELERO_API, plural, obj["metadata"]["name"], "velero", status)
+                    on_done(obj)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+
+
+def completed(items: int) -> Callable[[dict[str, Any]], Status]:
+    return lambda obj: {"phase": "Completed", "startTimestamp": "2026-11-22T03:00:01Z",
+                        "completionTimestamp": "2026-11-22T03:02:10Z", "formatVersion": "1.1.0",
+                        "expiration": "2026-12-22T03:00:01Z", "errors": 0, "warnings": 1,
+                        "progress": {"totalItems": items, "itemsBackedUp": items}}
+
+
+def restore_completed(items: int) -> Callable[[dict[str, Any]], Status]:
+    return lambda obj: {"phase": "Completed", "errors": 0, "warnings": 0,
+                        "progress": {"totalItems": items, "itemsRestored": items}}
+
+
+def writes(kube_api: KubeApiServer) -> int:
+    return sum(1 for r in kube_api.requests if r.method in ("POST", "PUT", "PATCH", "DELETE"))
+
+
+def test_backup_restore_into_scratch_namespaces_and_cleanup(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec()
+    catalog = BackupCatalog(store, datastore.name)
+    driver = VeleroBackupDriver(kube, backup_timeout=5)
+    with velero_controller(kube_api, "backups", completed(42)) as backups:
+        manifest = catalog.run_backup(driver, datastore, "2026-11-22")
+
+    [backup] = backups
+    assert backup["metadata"]["name"] == f"onto-cluster-daily-ops-{manifest.backup_id.lower()}"
+    assert backup["metadata"]["labels"]["velero.io/schedule-name"] == "onto-cluster-daily"
+    assert backup["spec"]["includedNamespaces"] == ["ontology-editor", "data"]
+    assert backup["spec"]["ttl"] == "720h0m0s" and backup["spec"]["storageLocation"] == "default"
+    assert manifest.counts == {"items": 42}
+    assert manifest.recovery_point.isoformat() == "2026-11-22T03:00:01+00:00"
+    record = json.loads(store.get_bytes(manifest.artifacts[0].key))
+    assert record["status"]["phase"] == "Completed" and catalog.verify_artifacts(manifest) == []
+    assert driver.verify(manifest, store).ok
+
+    def velero_restores_objects(restore: dict[str, Any]) -> None:
+        for scratch in restore["spec"]["namespaceMapping"].values():
+            kube_api.put_object({"apiVersion": "apps/v1", "kind": "Deployment",
+                                 "metadata": {"name": "onto-backend", "namespace": scratch}, "spec": {}})
+
+    with velero_controller(kube_api, "restores", restore_completed(42), velero_restores_objects) as restores:
+        with driver.restore(manifest, store, datastore.restore_test, tmp_path) as restored:
+            assert restored.counts() == manifest.counts
+            [query] = restored.run_queries(["apps/v1 Deployment ontology-editor/onto-backend"])
+            assert query.ok
+            assert not restored.run_queries(["apps/v1 Deployment logging/onto-backend"])[0].ok
+            scratch = kube_api.get_object("v1", "namespaces", "velero-restore-test-ontology-editor")
+            assert scratch["metadata"]["labels"][RESTORE_TEST_LABEL] == "cluster_state"
+
+    [restore] = restores
+    assert restore["spec"]["backupName"] == backup["metadata"]["name"]
+    assert restore["spec"]["namespaceMapping"] == {"ontology-editor": "velero-restore-test-ontology-editor",
+                                                   "data": "velero-restore-test-data"}
+    assert restore["spec"]["includeClusterResources"] is False
+    assert kube_api.get_object(VELERO_API, "restores", restore["metadata"]["name"], "velero") is None
+    assert kube_api.get_object("v1", "namespaces", "velero-restore-test-data") is None
+    assert kube_api.get_object("v1", "namespaces", "ontology-editor") is not None
+
+
+def test_single_namespace_maps_to_the_target_namespace(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(namespaces=["data"])
+    driver = VeleroBackupDriver(kube, backup_timeout=5)
+    with velero_controller(kube_api, "backups", completed(5)):
+        manifest = BackupCatalog(store, datastore.name).run_backup(driver, datastore, "2026-11-22")
+    with velero_controller(kube_api, "restores", restore_completed(5)) as restores:
+        with driver.restore(manifest, store, datastore.restore_test, tmp_path):
+            assert kube_api.get_object("v1", "namespaces", "velero-restore-test") is not None
+    assert restores[0]["spec"]["namespaceMapping"] == {"data": "velero-restore-test"}
+    assert kube_api.get_object("v1", "namespaces", "velero-restore-test") is None
+
+
+@pytest.mark.parametrize("phase", ["Failed", "PartiallyFailed"])
+def test_failed_backup_reports_velero_reasons_and_commits_nothing(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, phase: str
+) -> None:
+    datastore = spec()
+    catalog = BackupCatalog(store, datastore.name)
+    failure = {"phase": phase, "errors": 3, "warnings": 2,
+               "failureReason": "error getting backup storage location: BackupStorageLocation default not found"}
+    with velero_controller(kube_api, "backups", lambda obj: failure):
+        with pytest.raises(BackupError, match=rf"ended {phase} - failure reason: error getting backup storage.*3 errors"):
+            catalog.run_backup(VeleroBackupDriver(kube, backup_timeout=5), datastore, "2026-11-22")
+    assert catalog.latest() is None and list(store.list("backups/")) == []
+
+
+def test_backup_that_never_finishes_times_out(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore
+) -> None:
+    datastore = spec()
+    with velero_controller(kube_api, "backups", lambda obj: {"phase": "InProgress"}):
+        with pytest.raises(BackupError, match=r"did not finish within 1 s; Velero may still complete it"):
+            BackupCatalog(store, datastore.name).run_backup(
+                VeleroBackupDriver(kube, backup_timeout=1), datastore, "2026-11-22")
+
+
+def test_missing_schedule_names_the_spec_field(kube: KubernetesClient, kube_api: KubeApiServer,
+                                               store: LocalObjectStore) -> None:
+    kube_api.delete_object(VELERO_API, "schedules", "onto-cluster-daily", "velero")
+    datastore = spec()
+    with pytest.raises(BackupError, match=r"no Schedule 'onto-cluster-daily' in namespace velero.*velero.schedule"):
+        BackupCatalog(store, datastore.name).run_backup(VeleroBackupDriver(kube), datastore, "2026-11-22")
+
+
+def test_api_server_down_names_address_and_setting(tmp_path: Path, store: LocalObjectStore) -> None:
+    address = f"http://127.0.0.1:{free_port()}"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "down",
+        "clusters": [{"name": "down", "cluster": {"server": address}}],
+        "users": [{"name": "down", "user": {"token": "t"}}],
+        "contexts": [{"name": "down", "context": {"cluster": "down", "user": "down"}}],
+    }))
+    kube = KubernetesResource(kubeconfig=str(kubeconfig), context="down").get_client()
+    datastore = spec()
+    with pytest.raises(ServerUnreachableError, match=rf"{address} \(check KUBECONFIG"):
+        BackupCatalog(store, datastore.name).run_backup(VeleroBackupDriver(kube), datastore, "2026-11-22")
+
+
+def _committed(kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, datastore: Datastore):
+    with velero_controller(kube_api, "backups", completed(42)):
+        return BackupCatalog(store, datastore.name).run_backup(
+            VeleroBackupDriver(kube, backup_timeout=5), datastore, "2026-11-22")
+
+
+@pytest.mark.parametrize("target", ["data", "velero", "kube-system"])
+def test_restore_over_a_live_namespace_is_refused_before_any_write(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path, target: str
+) -> None:
+    datastore = spec(namespaces=["data"])
+    manifest = _committed(kube, kube_api, store, datastore)
+    before = writes(kube_api)
+    with pytest.raises(RestoreRefused, match=f"into {target} refused before writing anything"):
+        with VeleroBackupDriver(kube).restore(manifest, store, RestoreTest(target={"namespace": target}), tmp_path):
+            pass
+    assert writes(kube_api) == before
+
+
+def test_existing_namespace_not_made_by_a_restore_test_is_refused(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(namespaces=["data"])
+    manifest = _committed(kube, kube_api, store, datastore)
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "velero-restore-test"}})
+    before = writes(kube_api)
+    with pytest.raises(RestoreRefused, match="already exists and was not made by a restore test"):
+        with VeleroBackupDriver(kube).restore(manifest, store, datastore.restore_test, tmp_path):
+            pass
+    assert writes(kube_api) == before
+    assert kube_api.get_object("v1", "namespaces", "velero-restore-test") is not None
+
+
+def test_failed_restore_cleans_up(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(namespaces=["data"])
+    manifest = _committed(kube, kube_api, store, datastore)
+    failure = {"phase": "PartiallyFailed", "errors": 1, "warnings": 0}
+    with velero_controller(kube_api, "restores", lambda obj: failure) as restores:
+        with pytest.raises(RestoreError, match="ended PartiallyFailed - 1 errors"):
+            with VeleroBackupDriver(kube, restore_timeout=5).restore(
+                    manifest, store, datastore.restore_test, tmp_path):
+                pass
+    assert kube_api.get_object(VELERO_API, "restores", restores[0]["metadata"]["name"], "velero") is None
+    assert kube_api.get_object("v1", "namespaces", "velero-restore-test") is None
+
+
+def test_body_failure_cleans_up(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(namespaces=["data"])
+    manifest = _committed(kube, kube_api, store, datastore)
+    with velero_controller(kube_api, "restores", restore_completed(42)):
+        with pytest.raises(RuntimeError, match="check failed"):
+            with VeleroBackupDriver(kube, restore_timeout=5).restore(
+                    manifest, store, datastore.restore_test, tmp_path):
+                raise RuntimeError("check failed")
+    assert kube_api.get_object("v1", "namespaces", "velero-restore-test") is None
+    assert kube_api.state.list(kube_api.state.resolve(VELERO_API, "restores"), "velero", {})["items"] == []
