@@ -24,6 +24,7 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
     backup_jobs = backup_schedules.build_backup_jobs(spec)
     return dg.Definitions(
         assets=build_assets(spec),
+        asset_checks=[*backups.build_backup_checks(spec), *backups.build_restore_test_checks(spec)],
         jobs=backup_jobs,
         schedules=backup_schedules.build_schedules(spec, backup_jobs),
         resources=build_resources(spec, environment),

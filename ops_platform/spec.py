@@ -182,9 +182,13 @@ class Neo4jOptions(_Model):
     namespace: str  # where the backup Job runs, next to the Neo4j servers
     backup_address: str  # host:port of the online backup listener (Enterprise, 6362)
     image: str = "neo4j:5-enterprise"
+    service_account: str = "ops-platform-backup"  # may write the backup bucket (IRSA)
+    data_claim: str | None = None  # PVC of the stopped database, for method dump
 
 
 class MilvusOptions(_Model):
+    server_url: str  # Milvus itself (REST v2), to count and drop restored collections
+    token_env: EnvVarName | None = None
     collections: list[str] = []  # empty: every collection
 
 
@@ -220,6 +224,7 @@ class Datastore(_Model):
         required_section = {"pgbackrest": "pgbackrest", "velero": "velero"}.get(self.method) or {
             "elasticsearch": "elasticsearch",
             "neo4j": "neo4j",
+            "milvus": "milvus",
         }.get(self.engine)
         if required_section and getattr(self, required_section) is None:
             raise ValueError(f"a {self.engine} datastore backed up by {self.method} needs a '{required_section}' section")

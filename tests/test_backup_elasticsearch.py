@@ -204,3 +204,14 @@ def test_no_matching_index_is_a_clear_error(es: ElasticsearchFake, store: LocalO
     es.indices.clear()
     with pytest.raises(BackupError, match=r"no open index .* matches logs-\*, onto-\*"):
         BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+
+
+def test_object_store_down_deletes_the_snapshot_it_could_not_record(es: ElasticsearchFake, tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    broken_store = LocalObjectStore(blocked / "store")
+    datastore = spec(es.url)
+    with pytest.raises(OpsPlatformError, match="not-a-directory"):
+        BackupCatalog(broken_store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    assert es.snapshots == {}
+    assert [r.method for r in es.requests if "/_snapshot/onto-snapshots/ops-" in r.path][-1] == "DELETE"

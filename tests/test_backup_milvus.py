@@ -11,7 +11,7 @@ import pytest
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
 from ops_platform.backups.milvus_backup import MilvusBackupDriver, MilvusRestCollections, backup_name
-from ops_platform.errors import ServerUnreachableError
+from ops_platform.errors import OpsPlatformError, ServerUnreachableError
 from ops_platform.local_servers.process import free_port
 from ops_platform.resources.object_store import LocalObjectStore
 from ops_platform.spec import Datastore, RestoreTest
@@ -203,3 +203,13 @@ def test_verify_reports_a_deleted_backup(milvus: MilvusBackupFake, store: LocalO
     milvus.backups.clear()
     verification = driver(milvus).verify(manifest, store)
     assert not verification.ok and "backup does not exist" in verification.problems[0]
+
+
+def test_object_store_down_deletes_the_backup_it_could_not_record(milvus: MilvusBackupFake, tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    datastore = spec(milvus.backup_url)
+    with pytest.raises(OpsPlatformError, match="not-a-directory"):
+        BackupCatalog(LocalObjectStore(blocked / "store"), datastore.name).run_backup(
+            driver(milvus), datastore, "2026-11-22")
+    assert milvus.backups == {}

@@ -6,12 +6,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
-import psycopg
 import pytest
 from psycopg import sql
 
@@ -250,15 +249,20 @@ def test_wrong_password_names_the_password_setting_not_the_password(
     assert "PG_PASSWORD" in str(failure.value) and "not-the-password" not in str(failure.value)
 
 
+@pytest.mark.parametrize("database", ["ontology", "bulk"], ids=["dump-done-first", "dump-still-running"])
 def test_object_store_down_fails_and_leaves_no_pg_dump_running(
-    pg_backup_source: PostgresServer, driver: PostgresDumpDriver, aws_env: Any  # noqa: F811
+    database: str,
+    pg_backup_source: PostgresServer,  # noqa: F811
+    bulk_database: str,
+    driver: PostgresDumpDriver,
+    aws_env: Any,
 ) -> None:
     client = aws_client(
         "s3", region=None, endpoint_url=f"http://127.0.0.1:{free_port()}", needed_for="test",
         connect_timeout=1, max_attempts=1,
     )
     store = S3ObjectStore(client, "ops-backups", part_size=5 * MiB)
-    spec = datastore(pg_backup_source)
+    spec = datastore(pg_backup_source, database=database)
     # The driver alone: BackupCatalog.run_backup's clean-up lists the dead store again and fails differently.
     job = BackupJob(spec, store, PARTITION, "20261122T020000Z-000000", f"backups/pg_main/{PARTITION}/x/",
                     password=pg_backup_source.password)
@@ -266,7 +270,7 @@ def test_object_store_down_fails_and_leaves_no_pg_dump_running(
     with pytest.raises(BackupError, match="AWS_ENDPOINT_URL") as failure:
         driver.backup(job)
 
-    assert "storing the dump of" in str(failure.value)
+    assert f"storing the dump of 127.0.0.1:{pg_backup_source.port}/{database} failed" in str(failure.value)
     assert child_processes("pg_dump") == []
 
 

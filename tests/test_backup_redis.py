@@ -16,7 +16,7 @@ import pytest
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
-from ops_platform.backups.redis_rdb import ARTIFACT_NAME, RedisRdbDriver, ReplicationRdb
+from ops_platform.backups.redis_rdb import RedisRdbDriver, ReplicationRdb
 from ops_platform.backups.restore_target import SCRATCH_MARK_FILE
 from ops_platform.local_servers.process import free_port, port_is_open
 from ops_platform.local_servers.redis import RedisServer

@@ -15,6 +15,7 @@ import pytest
 from ops_platform.assets.keys import backup_key, layer_key, release_key, restore_test_key, snapshot_key
 from ops_platform.definitions import build_definitions
 from ops_platform.errors import OpsPlatformError
+from ops_platform.local_servers import free_port
 from ops_platform.environment import build_resources, get_environment
 from ops_platform.spec import DEFAULT_SPEC_PATH, REPO_ROOT, load_spec
 
@@ -136,8 +137,29 @@ def test_layer_with_cluster_is_not_implemented_yet(kubeconfig_path, monkeypatch)
     assert result.asset_materializations_for_node("infra__cluster") == []
 
 
-def test_backup_is_not_implemented_yet_and_records_nothing(no_cluster_or_aws, monkeypatch):
+def test_backup_of_an_unreachable_datastore_fails_clearly_and_commits_nothing(no_cluster_or_aws, monkeypatch):
     monkeypatch.setenv("PG_PASSWORD", "unused")
+    spec = SANDBOX_SPEC.model_copy(update={"datastores": [
+        SANDBOX_SPEC.datastores[0].model_copy(update={"connection": SANDBOX_SPEC.datastores[0].connection.model_copy(
+            update={"port": free_port()})})
+    ]})
+    defs = build_definitions(spec, "local")
+    result = dg.materialize(
+        [defs.get_assets_def(backup_key("postgres_main"))],
+        resources=build_resources(spec, "local"),
+        partition_key="2026-11-01",
+        raise_on_error=False,
+    )
+    assert not result.success
+    text = error_text(result)
+    assert "backup of 'postgres_main' failed" in text
+    assert f"127.0.0.1:{spec.datastores[0].connection.port}" in text
+    store = Path(os.environ["OPS_BACKUP_DIR"])
+    assert not list(store.rglob("manifest.json"))
+
+
+def test_backup_without_password_names_its_env_var(no_cluster_or_aws, monkeypatch):
+    monkeypatch.delenv("PG_PASSWORD", raising=False)
     defs = build_definitions(SANDBOX_SPEC, "local")
     result = dg.materialize(
         [defs.get_assets_def(backup_key("postgres_main"))],
@@ -146,19 +168,7 @@ def test_backup_is_not_implemented_yet_and_records_nothing(no_cluster_or_aws, mo
         raise_on_error=False,
     )
     assert not result.success
-    assert "backups: the pg_dump backup of 'postgres_main' for 2026-11-01" in error_text(result)
-    assert not (Path(os.environ["OPS_BACKUP_DIR"]) / "backups").exists()
-
-
-def test_backup_without_password_names_its_env_var(no_cluster_or_aws, monkeypatch):
-    monkeypatch.delenv("PG_PASSWORD", raising=False)
-    defs = build_definitions(SANDBOX_SPEC, "local")
-    with pytest.raises(dg.DagsterInvalidConfigError, match='environment variable "PG_PASSWORD"'):
-        dg.materialize(
-            [defs.get_assets_def(backup_key("postgres_main"))],
-            resources=build_resources(SANDBOX_SPEC, "local"),
-            partition_key="2026-11-01",
-        )
+    assert "PG_PASSWORD" in error_text(result)
 
 
 def test_prod_backup_needs_a_bucket(no_cluster_or_aws, monkeypatch):

@@ -1,5 +1,8 @@
-"""`backups/<datastore>` (daily partitions) and `restore_tests/<datastore>`."""
+"""`backups/<datastore>` (daily partitions) and `restore_tests/<datastore>`, with their checks."""
 
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 
@@ -7,16 +10,23 @@ from ops_platform.assets.keys import (
     BACKUPS_GROUP,
     RESTORE_TESTS_GROUP,
     backup_key,
-    connection_resource_key,
     layer_key,
     restore_test_key,
 )
-from ops_platform.errors import NotImplementedYetError
+from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
+from ops_platform.backups.catalog import BackupCatalog
+from ops_platform.backups.drivers import DriverServices, build_driver
+from ops_platform.backups.manifest import BackupManifest, ManifestError
+from ops_platform.backups.restore_test import RestoreTestResult, result_rows, run_restore_test
+from ops_platform.metadata import human_bytes, table
+from ops_platform.resources.kubernetes import KubernetesResource
+from ops_platform.resources.object_store import ObjectStoreResource
 from ops_platform.spec import ENGINE_KIND, Datastore, Spec
 
-BACKUP_ISSUE = "the backups, snapshots and restore tests issue"
-# Engines whose connection is a Dagster resource of its own (resources/datastores.py).
-ENGINES_WITH_CONNECTION_RESOURCE = ("postgresql", "redis")
+ARTIFACT_CHECKSUM = "artifact_checksum"
+RTO_WITHIN_OBJECTIVE = "rto_within_objective"
+RPO_WITHIN_OBJECTIVE = "rpo_within_objective"
+DATA_VERIFIED = "data_verified"
 
 
 def daily_partitions(spec: Spec) -> dg.DailyPartitionsDefinition:
@@ -33,24 +43,52 @@ def build_backup_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     return [_backup_asset(spec, store, partitions) for store in spec.datastores]
 
 
+def build_backup_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
+    partitions = daily_partitions(spec)
+    return [_checksum_check(store, partitions) for store in spec.datastores]
+
+
 def build_restore_test_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     return [_restore_test_asset(spec, store) for store in spec.datastores if store.restore_test]
 
 
-def _resource_keys(store: Datastore) -> set[str]:
-    keys = {"object_store"}
-    if store.engine in ENGINES_WITH_CONNECTION_RESOURCE:
-        keys.add(connection_resource_key(store.name))
-    if store.engine == "velero":
-        keys.add("kubernetes")
-    return keys
+def build_restore_test_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
+    checks: list[dg.AssetChecksDefinition] = []
+    for store in spec.datastores:
+        if store.restore_test:
+            checks += _restore_test_checks(spec, store)
+    return checks
 
 
-def _backup_asset(
-    spec: Spec, store: Datastore, partitions: dg.PartitionsDefinition
-) -> dg.AssetsDefinition:
-    resource_keys = _resource_keys(store)
+def _services(kubernetes: KubernetesResource, object_store: ObjectStoreResource) -> DriverServices:
+    return DriverServices(kubernetes=kubernetes.get_client, object_store=object_store)
 
+
+def manifest_metadata(manifest: BackupManifest) -> dict[str, object]:
+    duration = max(manifest.duration_seconds, 1e-6)
+    artifacts = manifest.artifact_list()
+    metadata: dict[str, object] = {
+        "backup_id": manifest.backup_id,
+        "size_bytes": dg.MetadataValue.int(manifest.bytes),
+        "size": human_bytes(manifest.bytes),
+        "duration_seconds": dg.MetadataValue.float(round(manifest.duration_seconds, 3)),
+        "throughput_mib_per_second": dg.MetadataValue.float(round(manifest.bytes / duration / 2**20, 2)),
+        "sha256": manifest.sha256 or "",
+        "source_version": manifest.source_version,
+        "recovery_point": manifest.recovery_point.isoformat(),
+        "encryption": manifest.encryption or "none",
+        "artifacts": table(
+            [{"name": a.name, "size": human_bytes(a.size), "sha256": a.sha256[:16] + "…", "url": a.url}
+             for a in artifacts]
+        ),
+        "counts": table([{"what": k, "count": v} for k, v in sorted(manifest.counts.items())]),
+    }
+    if artifacts:
+        metadata["artifact_url"] = dg.MetadataValue.url(artifacts[0].url)
+    return metadata
+
+
+def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     @dg.asset(
         key=backup_key(store.name),
         deps=[layer_key(store.layer)] if store.layer else [],
@@ -58,24 +96,93 @@ def _backup_asset(
         group_name=BACKUPS_GROUP,
         kinds={ENGINE_KIND[store.engine], "s3"},
         owners=[store.owner or spec.platform.owner],
-        required_resource_keys=resource_keys,
+        pool="backup_io",
         description=(
             f"Daily {store.method} backup of the {store.engine} datastore `{store.name}` "
             f"(schedule `{store.schedule}`, keep {store.retention.daily} daily / "
-            f"{store.retention.weekly} weekly)."
+            f"{store.retention.weekly} weekly). A failed backup commits nothing: the previous "
+            "one stays the latest."
         ),
         metadata={"engine": store.engine, "method": store.method, "schedule": store.schedule},
     )
-    def _backup(context: dg.AssetExecutionContext) -> None:
-        for key in sorted(resource_keys):
-            getattr(context.resources, key)
-        raise NotImplementedYetError(
-            "backups",
-            f"the {store.method} backup of '{store.name}' for {context.partition_key}",
-            BACKUP_ISSUE,
+    def _backup(
+        context: dg.AssetExecutionContext,
+        object_store: ObjectStoreResource,
+        kubernetes: KubernetesResource,
+    ) -> dg.MaterializeResult:
+        catalog = BackupCatalog(object_store.get_store(), store.name)
+        driver = build_driver(store, _services(kubernetes, object_store))
+        with tempfile.TemporaryDirectory(prefix=f"ops-backup-{store.name}-") as work_dir:
+            try:
+                manifest = catalog.run_backup(
+                    driver, store, context.partition_key,
+                    password=_services(kubernetes, object_store).password(store),
+                    work_dir=Path(work_dir),
+                )
+            except BackupError as error:
+                previous = catalog.latest()
+                raise dg.Failure(
+                    f"backup of '{store.name}' failed: {error}",
+                    metadata={"latest_good_backup": previous.backup_id if previous else "none"},
+                ) from None
+        plan = catalog.prune(store.retention)
+        context.log.info(f"backup {manifest.backup_id} committed; pruned {len(plan.delete)}")
+        return dg.MaterializeResult(
+            metadata={
+                **manifest_metadata(manifest),
+                "manifest_url": dg.MetadataValue.url(
+                    catalog.store.url(catalog.manifest_key(manifest.partition, manifest.backup_id))
+                ),
+                "retention": table(
+                    [{"backup": m.backup_id, "kept because": plan.reasons[m.backup_id]} for m in plan.keep]
+                    + [{"backup": m.backup_id, "kept because": "pruned"} for m in plan.delete]
+                ),
+            }
         )
 
     return _backup
+
+
+def _checksum_check(store: Datastore, partitions: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=backup_key(store.name),
+        name=ARTIFACT_CHECKSUM,
+        blocking=True,
+        partitions_def=partitions,
+        description="Re-reads the backup's artifacts from the store and compares size and sha256 with the "
+        "manifest; then the tool's own verification. A failure blocks downstream work.",
+    )
+    def _check(
+        context: dg.AssetCheckExecutionContext,
+        object_store: ObjectStoreResource,
+        kubernetes: KubernetesResource,
+    ) -> dg.AssetCheckResult:
+        catalog = BackupCatalog(object_store.get_store(), store.name)
+        partition = context.partition_key
+        try:
+            manifest = catalog.latest_in_partition(partition)
+        except ManifestError as error:
+            return dg.AssetCheckResult(passed=False, description=str(error))
+        if manifest is None:
+            garbled = [str(e) for e in catalog.listing().garbled if f"/{partition}/" in e.url]
+            return dg.AssetCheckResult(
+                passed=False,
+                description=garbled[0] if garbled else f"no committed backup of '{store.name}' in {partition}",
+            )
+        problems = catalog.verify_artifacts(manifest)
+        checked: dict[str, object] = {}
+        if not problems:
+            verification = build_driver(store, _services(kubernetes, object_store)).verify(manifest, catalog.store)
+            problems = list(verification.problems)
+            checked = {k: str(v) for k, v in verification.checked.items()}
+        return dg.AssetCheckResult(
+            passed=not problems,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="; ".join(problems) or f"backup {manifest.backup_id}: artifacts match the manifest",
+            metadata={"backup_id": manifest.backup_id, "artifacts": len(manifest.artifacts), **checked},
+        )
+
+    return _check
 
 
 def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
@@ -87,7 +194,7 @@ def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
         group_name=RESTORE_TESTS_GROUP,
         kinds={ENGINE_KIND[store.engine]},
         owners=[store.owner or spec.platform.owner],
-        required_resource_keys={"object_store"},
+        pool="backup_io",
         description=(
             f"Restores the latest backup of `{store.name}` into a scratch target, verifies "
             f"it and measures the restore time against RTO {spec.objectives.rto_minutes} min "
@@ -95,10 +202,90 @@ def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
         ),
         metadata={"schedule": store.restore_test.schedule},
     )
-    def _restore_test(context: dg.AssetExecutionContext) -> None:
-        context.resources.object_store
-        raise NotImplementedYetError(
-            "restore tests", f"the restore test of '{store.name}'", BACKUP_ISSUE
-        )
+    def _restore_test(
+        context: dg.AssetExecutionContext,
+        object_store: ObjectStoreResource,
+        kubernetes: KubernetesResource,
+    ) -> dg.MaterializeResult:
+        services = _services(kubernetes, object_store)
+        driver = build_driver(store, services)
+        catalog = BackupCatalog(object_store.get_store(), store.name)
+        with tempfile.TemporaryDirectory(prefix=f"ops-restore-{store.name}-") as work_dir:
+            try:
+                result = run_restore_test(
+                    store, driver, catalog, Path(work_dir),
+                    current_recovery_point=getattr(driver, "current_recovery_point", None),
+                )
+            except (RestoreRefused, RestoreError) as error:
+                raise dg.Failure(str(error)) from None
+        return dg.MaterializeResult(metadata=restore_test_metadata(result))
 
     return _restore_test
+
+
+def restore_test_metadata(result: RestoreTestResult) -> dict[str, object]:
+    return {
+        "backup_id": result.backup_id,
+        "target": result.target,
+        "restore_seconds": dg.MetadataValue.float(round(result.restore_seconds, 3)),
+        "total_seconds": dg.MetadataValue.float(round(result.total_seconds, 3)),
+        "recovery_point": result.recovery_point.isoformat(),
+        "backup_age_seconds": dg.MetadataValue.float(round(result.backup_age_seconds, 1)),
+        "verified": result.verified,
+        "problems": "\n".join(result.problems) or "none",
+        "counts": table(result_rows(result)),
+        "queries": table([{"query": q.query, "value": q.value, "ok": q.ok} for q in result.queries]),
+    }
+
+
+def _latest_metadata(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> dict:
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {name: value.value for name, value in event.asset_materialization.metadata.items()}
+
+
+def _restore_test_checks(spec: Spec, store: Datastore) -> list[dg.AssetChecksDefinition]:
+    key = restore_test_key(store.name)
+    rto_seconds = spec.objectives.rto_minutes * 60
+    rpo_seconds = spec.objectives.rpo_minutes * 60
+
+    @dg.asset_check(asset=key, name=RTO_WITHIN_OBJECTIVE,
+                    description=f"Measured restore time ≤ RTO ({spec.objectives.rto_minutes} min).")
+    def _rto(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        seconds = _latest_metadata(context, key).get("restore_seconds")
+        if seconds is None:
+            return dg.AssetCheckResult(passed=False, description="no restore test has been recorded")
+        return dg.AssetCheckResult(
+            passed=seconds <= rto_seconds,
+            description=f"restored and verified in {seconds:.1f} s (RTO {rto_seconds} s)",
+            metadata={"restore_seconds": seconds, "rto_seconds": rto_seconds},
+        )
+
+    @dg.asset_check(asset=key, name=RPO_WITHIN_OBJECTIVE,
+                    description=f"Age of the newest restorable point ≤ RPO ({spec.objectives.rpo_minutes} min).")
+    def _rpo(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        metadata = _latest_metadata(context, key)
+        if "recovery_point" not in metadata:
+            return dg.AssetCheckResult(passed=False, description="no restore test has been recorded")
+        recovery_point = datetime.fromisoformat(metadata["recovery_point"])
+        age = (datetime.now(UTC) - recovery_point).total_seconds()
+        return dg.AssetCheckResult(
+            passed=age <= rpo_seconds,
+            description=f"newest restorable point {recovery_point.isoformat()} is {age / 60:.1f} min old "
+            f"(RPO {spec.objectives.rpo_minutes} min)",
+            metadata={"backup_age_seconds": round(age, 1), "rpo_seconds": rpo_seconds},
+        )
+
+    @dg.asset_check(asset=key, name=DATA_VERIFIED,
+                    description="Counts match the manifest and every verification query passed.")
+    def _verified(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        metadata = _latest_metadata(context, key)
+        if "verified" not in metadata:
+            return dg.AssetCheckResult(passed=False, description="no restore test has been recorded")
+        return dg.AssetCheckResult(
+            passed=bool(metadata["verified"]),
+            description="restored data matches the backup" if metadata["verified"] else metadata["problems"],
+        )
+
+    return [_rto, _rpo, _verified]

@@ -256,29 +256,39 @@ class ElasticsearchSnapshotDriver:
             f"connection.url of datastore '{datastore.name}'", connection.password_env,
         )
         repository = options.repository
-        version = client.version()
-        self._check_repository(client, repository, datastore.name)
-        indices = client.open_indices(options.indices)
-        if not indices:
-            raise BackupError(
-                f"elasticsearch: no open index at {client.url} matches {', '.join(options.indices)} "
-                f"(check elasticsearch.indices of datastore '{datastore.name}')"
-            )
-        counts = {f"docs:{index}": client.count(index) for index in indices}
         name = snapshot_name(job.backup_id)
-        client.request(
-            "PUT",
-            f"/_snapshot/{quote(repository, safe='')}/{name}",
-            params={"wait_for_completion": "false"},
-            body={"indices": ",".join(indices), "include_global_state": False,
-                  "ignore_unavailable": False, "partial": False},
-        )
-        info = self._wait_for_snapshot(client, repository, name)
-        stored = job.store.put_bytes(
-            job.artifact_key(SNAPSHOT_ARTIFACT),
-            json.dumps({"repository": repository, "snapshot": info}, indent=2, sort_keys=True).encode(),
-            content_type="application/json",
-        )
+        try:
+            version = client.version()
+            self._check_repository(client, repository, datastore.name)
+            indices = client.open_indices(options.indices)
+            if not indices:
+                raise BackupError(
+                    f"elasticsearch: no open index at {client.url} matches {', '.join(options.indices)} "
+                    f"(check elasticsearch.indices of datastore '{datastore.name}')"
+                )
+            counts = {f"docs:{index}": client.count(index) for index in indices}
+            client.request(
+                "PUT",
+                f"/_snapshot/{quote(repository, safe='')}/{name}",
+                params={"wait_for_completion": "false"},
+                body={"indices": ",".join(indices), "include_global_state": False,
+                      "ignore_unavailable": False, "partial": False},
+            )
+        except ElasticsearchError as error:
+            raise BackupError(f"{error} (datastore '{datastore.name}')") from None
+        try:
+            info = self._wait_for_snapshot(client, repository, name)
+            stored = job.store.put_bytes(
+                job.artifact_key(SNAPSHOT_ARTIFACT),
+                json.dumps({"repository": repository, "snapshot": info}, indent=2, sort_keys=True).encode(),
+                content_type="application/json",
+            )
+        except BaseException as error:
+            # A snapshot whose record the catalog discards must not stay behind in the repository.
+            self._discard_snapshot(client, repository, name)
+            if isinstance(error, ElasticsearchError):
+                raise BackupError(f"{error} (datastore '{datastore.name}')") from None
+            raise
         return BackupOutcome(
             artifacts=(Artifact.from_stored(SNAPSHOT_ARTIFACT, stored),),
             source_version=f"elasticsearch {version}",
@@ -420,13 +430,11 @@ class ElasticsearchSnapshotDriver:
             if state == "SUCCESS":
                 return info
             if state in FINAL_STATES:
-                self._discard_snapshot(client, repository, name)
                 raise BackupError(
                     f"elasticsearch: snapshot {name} in repository {repository} ended {state}: "
                     f"{_failures(info)}; the snapshot was deleted"
                 )
             if self.clock() >= deadline:
-                self._discard_snapshot(client, repository, name)
                 raise BackupError(
                     f"elasticsearch: snapshot {name} in repository {repository} did not finish within "
                     f"{self.snapshot_timeout:g} s (last state {state}); it was aborted and deleted"

@@ -250,17 +250,20 @@ class MilvusBackupDriver:
             client.create(name, collections)
             info = self._wait(
                 lambda: client.get_backup(name), BACKUP_SUCCESS, (BACKUP_FAIL, BACKUP_TIMEOUT),
-                self.backup_timeout, on_failure=lambda: _quietly(client.delete, name),
+                self.backup_timeout,
                 what=f"milvus-backup: backup {name} at {client.url}", error=BackupError,
             )
-        except MilvusError as error:
+            counts, counts_note = _row_counts(info)
+            stored = job.store.put_bytes(job.artifact_key(BACKUP_ARTIFACT),
+                                         json.dumps(info, indent=2, sort_keys=True).encode(),
+                                         content_type="application/json")
+        except BaseException as error:
+            # A backup whose record the catalog discards must not stay behind in milvus-backup's bucket.
             _quietly(client.delete, name)
-            hint = f" (check milvus.collections of datastore '{datastore.name}')" if error.code == 400 else ""
-            raise BackupError(f"{error}{hint}") from None
-        counts, counts_note = _row_counts(info)
-        stored = job.store.put_bytes(job.artifact_key(BACKUP_ARTIFACT),
-                                     json.dumps(info, indent=2, sort_keys=True).encode(),
-                                     content_type="application/json")
+            if isinstance(error, MilvusError):
+                hint = f" (check milvus.collections of datastore '{datastore.name}')" if error.code == 400 else ""
+                raise BackupError(f"{error}{hint}") from None
+            raise
         backed_up = [{"db": c.get("db_name") or DEFAULT_DB, "name": c["collection_name"]}
                      for c in info.get("collection_backups") or []]
         return BackupOutcome(
@@ -314,7 +317,7 @@ class MilvusBackupDriver:
             )
             self._wait(
                 lambda: client.get_restore(answer["id"]), RESTORE_SUCCESS, (RESTORE_FAIL, RESTORE_TIMEOUT),
-                self.restore_timeout, on_failure=lambda: None,
+                self.restore_timeout,
                 what=f"milvus-backup: restore of {restore['backup_name']} at {client.url}", error=RestoreError,
             )
             yield restored
@@ -327,7 +330,7 @@ class MilvusBackupDriver:
 
     def _wait(
         self, read: Callable[[], dict[str, Any]], success: int, failures: tuple[int, ...], timeout: float, *,
-        on_failure: Callable[[], None], what: str, error: type[OpsPlatformError],
+        what: str, error: type[OpsPlatformError],
     ) -> dict[str, Any]:
         deadline = self.clock() + timeout
         while True:
@@ -336,10 +339,8 @@ class MilvusBackupDriver:
             if state == success:
                 return info
             if state in failures:
-                on_failure()
                 raise error(f"{what} ended {STATE_NAMES.get(state, state)}: {_failure_message(info)}")
             if self.clock() >= deadline:
-                on_failure()
                 raise error(f"{what} did not finish within {timeout:g} s (last state "
                             f"{STATE_NAMES.get(state, state)}, progress {info.get('progress', 0)} %)")
             self.sleep(self.poll_interval)

@@ -27,11 +27,11 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import psycopg
 from psycopg import sql
@@ -57,7 +57,7 @@ from ops_platform.errors import OpsPlatformError
 from ops_platform.local_servers.postgres import PostgresServer, postgres_bin_dir, start_postgres
 from ops_platform.local_servers.process import ServerStartError, port_is_open
 from ops_platform.resources.datastores import PostgresEndpoint
-from ops_platform.resources.object_store import ObjectStore
+from ops_platform.resources.object_store import ObjectStore, StoredObject
 from ops_platform.spec import Connection, RestoreTest
 
 ARTIFACT_NAME = "dump.pgdump"
@@ -67,7 +67,7 @@ DEFAULT_PORT = 5432
 SCRATCH_DATABASE_MARK = "ops_platform restore test"
 TARGET_SETTING = "restore_test.target"
 
-# Plain and partition tables of the users' schemas, not those an extension owns.
+# Tables (and leaf partitions) of the users' schemas, not those an extension owns.
 USER_TABLES_SQL = """
 SELECT n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -156,7 +156,7 @@ class ToolOutput:
     ``read`` returns the tool's bytes; at their end it waits for the tool and
     raises :class:`BackupError` (with the tail of its stderr) when the tool
     exited non-zero or was killed, so a reader like ``store.put`` fails
-    instead of storing a truncated artifact.
+    instead of storing a truncated artifact. That error is kept in ``failure``.
     """
 
     def __init__(self, tool: str, process: subprocess.Popen[bytes], stderr: StderrTail) -> None:
@@ -164,8 +164,8 @@ class ToolOutput:
         self.tool = tool
         self.process = process
         self.stderr = stderr
+        self.failure: BackupError | None = None
         self._stdout = process.stdout
-        self.bytes_read = 0
 
     @classmethod
     def start(cls, tool: str, argv: list[str], env: dict[str, str], secret: str | None = None) -> ToolOutput:
@@ -181,19 +181,12 @@ class ToolOutput:
     def read(self, size: int = -1) -> bytes:
         data = self._stdout.read(size if size and size > 0 else -1)
         if data:
-            self.bytes_read += len(data)
             return data
         returncode = self.process.wait()
         if returncode != 0:
-            raise BackupError(self.failure() or f"{self.tool} failed")
+            self.failure = BackupError(exit_reason(self.tool, returncode, self.stderr.text()))
+            raise self.failure
         return b""
-
-    def failure(self) -> str | None:
-        """Why the tool failed, or None while it runs or when it succeeded."""
-        returncode = self.process.poll()
-        if returncode is None or returncode == 0:
-            return None
-        return exit_reason(self.tool, returncode, self.stderr.text())
 
     def stop(self) -> None:
         """Make sure the tool is gone (killed if still running) and its pipes are closed."""
@@ -214,6 +207,36 @@ class ToolRun:
     fed_completely: bool
 
 
+class _Feeder(threading.Thread):
+    """Copies a stream into a process's stdin, hashing it, until the stream ends or the process stops reading."""
+
+    def __init__(self, source: IO[bytes], stdin: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.source = source
+        self.stdin = stdin
+        self.digest = hashlib.sha256()
+        self.bytes_fed = 0
+        self.complete = False
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            for chunk in iter_chunks(self.source):
+                self.stdin.write(chunk)
+                self.digest.update(chunk)
+                self.bytes_fed += len(chunk)
+            self.complete = True
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the tool stopped reading: it has what it needs, or it failed and says why
+        except Exception as error:  # noqa: BLE001 - reported by run_with_stdin
+            self.error = error
+        finally:
+            try:
+                self.stdin.close()
+            except BrokenPipeError:
+                pass
+
+
 def run_with_stdin(
     argv: list[str], source: IO[bytes], env: dict[str, str], *, secret: str | None = None
 ) -> ToolRun:
@@ -227,27 +250,7 @@ def run_with_stdin(
     )
     assert process.stdin is not None and process.stdout is not None and process.stderr is not None
     stderr = StderrTail(process.stderr, secret)
-    digest = hashlib.sha256()
-    fed = {"bytes": 0, "complete": False, "error": None}
-
-    def feed() -> None:
-        try:
-            for chunk in iter_chunks(source):
-                process.stdin.write(chunk)  # type: ignore[union-attr]
-                digest.update(chunk)
-                fed["bytes"] += len(chunk)  # type: ignore[operator]
-            fed["complete"] = True
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the tool stopped reading: it has what it needs, or it failed and says why
-        except Exception as error:  # noqa: BLE001 - reported below as the reason of the failure
-            fed["error"] = error
-        finally:
-            try:
-                process.stdin.close()  # type: ignore[union-attr]
-            except BrokenPipeError:
-                pass
-
-    feeder = threading.Thread(target=feed, daemon=True)
+    feeder = _Feeder(source, process.stdin)
     feeder.start()
     try:
         stdout = process.stdout.read()
@@ -258,11 +261,9 @@ def run_with_stdin(
             process.kill()
             process.wait()
         process.stdout.close()
-    if fed["error"] is not None:
-        raise OpsPlatformError(f"reading the artifact for {Path(argv[0]).name} failed: {fed['error']}")
-    return ToolRun(
-        returncode, stdout, stderr.text(), int(fed["bytes"]), digest.hexdigest(), bool(fed["complete"])  # type: ignore[arg-type]
-    )
+    if feeder.error is not None:
+        raise OpsPlatformError(f"reading the artifact for {Path(argv[0]).name} failed: {feeder.error}")
+    return ToolRun(returncode, stdout, stderr.text(), feeder.bytes_fed, feeder.digest.hexdigest(), feeder.complete)
 
 
 def the_artifact(manifest: BackupManifest) -> Artifact:
@@ -354,7 +355,13 @@ class PostgresDumpDriver:
             ).fetchone()
             assert row is not None
             snapshot, snapshot_time, server_version, server_version_num = row
-            counts = count_rows(session)
+            try:
+                counts = count_rows(session)
+            except psycopg.Error as error:
+                raise BackupError(
+                    f"backup of '{datastore.name}' failed: counting rows on {endpoint.address}/{conn.database} "
+                    f"failed: {error} (check that {conn.user} may read every table)"
+                ) from None
             # The exporting transaction stays open until pg_dump is done with the snapshot.
             stored = self._dump(job, endpoint, snapshot)
             session.rollback()
@@ -380,7 +387,7 @@ class PostgresDumpDriver:
             },
         )
 
-    def _dump(self, job: BackupJob, endpoint: PostgresEndpoint, snapshot: str) -> Any:
+    def _dump(self, job: BackupJob, endpoint: PostgresEndpoint, snapshot: str) -> StoredObject:
         argv = [
             self.tool("pg_dump"),
             "--format=custom",
@@ -393,12 +400,10 @@ class PostgresDumpDriver:
         try:
             return job.store.put(key, dump, content_type=CONTENT_TYPE, metadata={"format": "pg-dump-custom"})  # type: ignore[arg-type]
         except Exception as error:
-            dump.stop()
             where = f"{endpoint.address}/{endpoint.database}"
-            failure = dump.failure()
-            if failure:
+            if dump.failure:
                 raise BackupError(
-                    f"backup of '{job.datastore.name}' failed: {failure} (dumping {where}); "
+                    f"backup of '{job.datastore.name}' failed: {dump.failure} (dumping {where}); "
                     f"nothing was stored at {job.store.url(key)}"
                 ) from error
             raise BackupError(
@@ -605,7 +610,7 @@ class RestoredPostgres:
     port: int
     database: str
     user: str
-    password: str
+    password: str = field(repr=False)
     connect_timeout: int = 10
     statement_timeout_seconds: int = 300
 

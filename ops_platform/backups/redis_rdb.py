@@ -90,6 +90,7 @@ class ReplicationRdb:
         self.length = length
         self.bytes_read = 0
         self.rdb_version: int | None = None
+        self.failure: BackupError | None = None  # why a read failed, for the caller's message
         self._sock = sock
         self._reader = reader
 
@@ -166,6 +167,13 @@ class ReplicationRdb:
         return True
 
     def read(self, size: int = -1) -> bytes:
+        try:
+            return self._read(size)
+        except BackupError as error:
+            self.failure = error
+            raise
+
+    def _read(self, size: int) -> bytes:
         remaining = self.length - self.bytes_read
         if remaining <= 0:
             return b""
@@ -204,6 +212,7 @@ class RdbFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rdb_version: int | None = None
+        self.failure: BackupError | None = None
         self._file = open(path, "rb")
 
     def readable(self) -> bool:
@@ -213,7 +222,11 @@ class RdbFile:
         at_start = self._file.tell() == 0
         data = self._file.read(size)
         if at_start:
-            self.rdb_version = rdb_version(data, str(self.path))
+            try:
+                self.rdb_version = rdb_version(data, str(self.path))
+            except BackupError as error:
+                self.failure = error
+                raise
         return data
 
     def close(self) -> None:
@@ -266,16 +279,6 @@ def bgsave_and_wait(
             f"redis: BGSAVE on {address} failed (rdb_last_bgsave_status:{state['rdb_last_bgsave_status']}); "
             "check the server's log and the free space of its data directory"
         )
-
-
-def backup_error_in(error: BaseException) -> BackupError | None:
-    """The BackupError a snapshot stream raised, found in the chain of the store's error."""
-    current: BaseException | None = error
-    while current is not None:
-        if isinstance(current, BackupError):
-            return current
-        current = current.__cause__
-    return None
 
 
 def the_artifact(manifest: BackupManifest) -> Artifact:
@@ -362,7 +365,7 @@ class RedisRdbDriver:
             try:
                 stored = job.store.put(key, source, content_type=CONTENT_TYPE)  # type: ignore[arg-type]
             except Exception as error:
-                reason = backup_error_in(error) or error
+                reason = source.failure or error
                 raise BackupError(
                     f"backup of '{datastore.name}' failed: {reason}; nothing was stored at {job.store.url(key)}"
                 ) from error

@@ -80,8 +80,8 @@ def start_restored_postgres(
     socket_dir.mkdir(mode=0o700, exist_ok=True)
     hba_path = run_dir / "pg_hba.conf"
     hba_path.write_text(SCRATCH_HBA)
-    hba_path.chmod(0o600)
-    for path in (data_dir, socket_dir, hba_path):
+    hba_path.chmod(0o644)  # no secret in it; the service user must read it
+    for path in (data_dir, socket_dir):
         chown_to(path, owner)
     data_dir.chmod(0o700)
 

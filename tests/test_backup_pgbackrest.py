@@ -1,0 +1,419 @@
+"""The pgBackRest driver for real: PostgreSQL 15 + pgBackRest, repository on moto's S3 behind stunnel.
+
+The module's backups (a full, then an incr) are taken once by the ``backups``
+fixture and shared; tests that damage something put it back before they end.
+Restores go to the backup's consistent point (``--type=immediate``) and the
+source is quiet between each backup and its row count, so restored counts
+must equal the manifest's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
+from ops_platform.backups.catalog import BackupCatalog
+from ops_platform.backups.manifest import BackupManifest
+from ops_platform.backups.postgres_pgbackrest import (
+    INFO_ARTIFACT,
+    ArchiverStatus,
+    PgBackRestDriver,
+    PgBackRestRepo,
+    choose_backup_type,
+    newest_restorable_point,
+    parse_verify_text,
+)
+from ops_platform.errors import MissingSettingError
+from ops_platform.local_servers.postgres import scratch_dir
+from ops_platform.local_servers.process import free_port, port_is_open
+from ops_platform.resources.object_store import S3ObjectStore
+from ops_platform.spec import Datastore, RestoreTest
+from tests.fixtures.pgbackrest import PgBackRestSource, S3Repository, pgbackrest_s3, pgbackrest_source  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+CONCEPT_ROWS = 2000
+
+
+@dataclass
+class Backups:
+    datastore: Datastore
+    driver: PgBackRestDriver
+    store: S3ObjectStore
+    catalog: BackupCatalog
+    full: BackupManifest
+    incr: BackupManifest
+
+
+def _wait_archived(source: PgBackRestSource, timeout: float = 15.0) -> ArchiverStatus:
+    """Switch WAL and wait until the archiver pushed the segment that held our last change."""
+    with source.server.connect_superuser() as conn:
+        row = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
+        assert row is not None
+        segment = row[0]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            archived = conn.execute(
+                "SELECT last_archived_wal, last_archived_time, last_failed_wal, last_failed_time FROM pg_stat_archiver"
+            ).fetchone()
+            assert archived is not None
+            if archived[0] and archived[0][:24] >= segment:
+                return ArchiverStatus(*archived)
+            time.sleep(0.05)
+    raise AssertionError(f"WAL segment {segment} was not archived within {timeout} s")
+
+
+def _source_files(source: PgBackRestSource) -> dict[str, float]:
+    data_dir = source.server.data_dir
+    return {str(path.relative_to(data_dir)): path.stat().st_mtime for path in data_dir.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def backups(pgbackrest_source: PgBackRestSource, pgbackrest_s3: S3Repository) -> Backups:
+    source = pgbackrest_source
+    with source.server.connect() as conn:
+        conn.execute("CREATE TABLE concept (id int PRIMARY KEY, name text NOT NULL)")
+        conn.execute("CREATE TABLE relation (id serial PRIMARY KEY, concept_id int REFERENCES concept)")
+        conn.execute("CREATE UNLOGGED TABLE session_cache (key text)")
+        conn.execute("INSERT INTO concept SELECT g, 'concept ' || g FROM generate_series(1, %s) g", (CONCEPT_ROWS,))
+        conn.execute("INSERT INTO relation (concept_id) SELECT g FROM generate_series(1, 300) g")
+        conn.execute("INSERT INTO session_cache SELECT 'k' || g FROM generate_series(1, 50) g")
+    datastore = source.datastore()
+    driver = source.driver()
+    store = pgbackrest_s3.store(pgbackrest_s3.create_bucket(f"ops-backups-{source.stanza}"))
+    catalog = BackupCatalog(store, datastore.name)
+    full = catalog.run_backup(driver, datastore, "2026-11-22", password=source.server.password)
+    with source.server.connect() as conn:
+        conn.execute("INSERT INTO relation (concept_id) SELECT g FROM generate_series(1, 200) g")
+    incr = catalog.run_backup(driver, datastore, "2026-11-22", password=source.server.password)
+    return Backups(datastore, driver, store, catalog, full, incr)
+
+
+def test_first_backup_is_full_and_the_next_one_incr(backups: Backups, pgbackrest_s3: S3Repository) -> None:
+    full, incr = backups.full, backups.incr
+    assert (full.restore["type"], incr.restore["type"]) == ("full", "incr")
+    assert incr.restore["references"] == [full.restore["label"]]
+    assert incr.details["prior"] == full.restore["label"]
+    assert full.restore["label"].endswith("F") and incr.restore["label"].startswith(full.restore["label"] + "_")
+    assert full.restore["pg_version"] == "15" and full.source_version.startswith("15.")
+    assert full.restore["cipher"] == "aes-256-cbc"
+    assert full.details["database_bytes"] > 20_000_000  # a whole cluster
+    assert 0 < incr.details["delta_bytes"] < full.details["delta_bytes"]
+    assert 0 < incr.details["repository_delta_bytes"] < full.details["repository_bytes"]
+    assert full.restore["archive_start"] <= full.restore["archive_stop"] < incr.restore["archive_start"]
+    assert backups.catalog.latest() == incr
+    # The backup itself is in the pgBackRest repository, under the spec's repo_path.
+    labels = {key.split("/")[3] for key in pgbackrest_s3.keys(f"{full.restore['repo_path'].strip('/')}/backup/")}
+    assert {full.restore["label"], incr.restore["label"]} <= labels
+
+
+def test_the_catalog_keeps_a_checksummed_copy_of_the_backup_info(backups: Backups) -> None:
+    incr = backups.incr
+    [artifact] = incr.artifact_list()
+    assert artifact.name == INFO_ARTIFACT and artifact.key.startswith(f"backups/postgres_main/2026-11-22/{incr.backup_id}/")
+    record = json.loads(backups.store.get_bytes(artifact.key))
+    assert record["backup"]["label"] == incr.restore["label"]
+    assert record["backup"]["type"] == "incr" and record["stanza"] == incr.restore["stanza"]
+    assert record["db"][0]["version"] == "15"
+    assert backups.catalog.verify_artifacts(incr) == []
+
+
+def test_counts_are_the_logged_tables_at_backup_time(backups: Backups) -> None:
+    assert backups.full.counts == {"table:public.concept": CONCEPT_ROWS, "table:public.relation": 300}
+    assert backups.incr.counts == {"table:public.concept": CONCEPT_ROWS, "table:public.relation": 500}
+
+
+def test_recovery_point_of_a_backup_is_at_or_after_its_stop(backups: Backups) -> None:
+    for manifest in (backups.full, backups.incr):
+        stop = datetime.fromisoformat(manifest.restore["backup_stop"])
+        assert manifest.started_at - timedelta(seconds=1) <= stop <= manifest.recovery_point <= manifest.finished_at
+
+
+def test_recovery_point_follows_the_wal_archive(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
+    with pgbackrest_source.server.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS audit (at timestamptz DEFAULT now())")
+        conn.execute("INSERT INTO audit DEFAULT VALUES")
+    archived = _wait_archived(pgbackrest_source)
+    point = backups.driver.recovery_point(backups.datastore, pgbackrest_source.server.password)
+    assert point.basis == "wal archive"
+    assert point.at == archived.last_archived_time
+    assert point.at > backups.incr.recovery_point
+    assert point.backup_label == backups.incr.restore["label"]
+
+    # The source unreachable: only the backup's stop can be vouched for, and the note says why.
+    unreachable = backups.datastore.model_copy(
+        update={"connection": backups.datastore.connection.model_copy(update={"port": free_port()})}
+    )
+    fallback = backups.driver.recovery_point(unreachable, pgbackrest_source.server.password)
+    assert fallback.basis == "backup stop" and "connection refused" in fallback.note
+    assert fallback.at == datetime.fromisoformat(backups.incr.restore["backup_stop"])
+
+
+def test_verify_passes_on_an_intact_repository(backups: Backups) -> None:
+    verification = backups.driver.verify(backups.incr, backups.store)
+    assert verification.ok, verification.problems
+    assert verification.checked["label"] == backups.incr.restore["label"]
+    assert verification.checked["files_checked"] > 1000  # the incr and the full it references
+    assert verification.checked["wal_checked"] > 0
+
+
+def test_restore_brings_back_the_counted_rows_and_cleans_up(
+    backups: Backups, pgbackrest_source: PgBackRestSource
+) -> None:
+    restore_test = backups.datastore.restore_test
+    assert restore_test is not None
+    port = restore_test.target.port
+    assert port is not None
+    with backups.driver.restore(backups.incr, backups.store, restore_test, Path("/nonexistent")) as restored:
+        assert f"127.0.0.1:{port}" in restored.description
+        assert restored.counts() == backups.incr.counts
+        results = restored.run_queries(list(restore_test.verify_sql) + ["SELECT * FROM no_such_table"])
+        assert [(r.value, r.ok) for r in results[:2]] == [(CONCEPT_ROWS, True), (CONCEPT_ROWS, True)]
+        assert not results[2].ok and "no_such_table" in (results[2].error or "")
+        assert port_is_open("127.0.0.1", port)  # the scratch server listens where the spec says
+    assert restored.data_dir is not None and not restored.data_dir.parent.exists()
+    assert not port_is_open("127.0.0.1", port)
+
+
+def test_restore_to_a_point_in_time(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
+    with pgbackrest_source.server.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS pitr (batch text)")
+        conn.execute("INSERT INTO pitr SELECT 'before' FROM generate_series(1, 10)")
+        conn.commit()
+        row = conn.execute("SELECT clock_timestamp()").fetchone()
+        assert row is not None
+        target_time = row[0]
+        time.sleep(0.2)
+        conn.execute("INSERT INTO pitr SELECT 'after' FROM generate_series(1, 5)")
+    _wait_archived(pgbackrest_source)
+    restore_test = RestoreTest(target={"host": "127.0.0.1", "port": free_port()})
+    with backups.driver.restore(
+        backups.incr, backups.store, restore_test, Path("/nonexistent"), target_time=target_time
+    ) as restored:
+        [result] = restored.run_queries(["SELECT string_agg(DISTINCT batch, ',') FROM pitr"])
+        assert result.value == "before"
+
+    with pytest.raises(RestoreRefused, match="target_time"):
+        with backups.driver.restore(
+            backups.incr, backups.store, restore_test, Path("/nonexistent"),
+            target_time=datetime.fromisoformat(backups.incr.restore["backup_stop"]) - timedelta(hours=1),
+        ):
+            pass
+
+
+def test_verify_reports_a_corrupt_object_in_the_repository(backups: Backups, pgbackrest_s3: S3Repository) -> None:
+    label = backups.full.restore["label"]
+    prefix = f"{backups.full.restore['repo_path'].strip('/')}/backup/{backups.full.restore['stanza']}/{label}/bundle/"
+    key = pgbackrest_s3.keys(prefix)[0]
+    client = pgbackrest_s3.client()
+    original = client.get_object(Bucket=pgbackrest_s3.bucket, Key=key)["Body"].read()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    client.put_object(Bucket=pgbackrest_s3.bucket, Key=key, Body=bytes(damaged))
+    try:
+        # The incr references the damaged full: it is not restorable either.
+        verification = backups.driver.verify(backups.incr, backups.store)
+    finally:
+        client.put_object(Bucket=pgbackrest_s3.bucket, Key=key, Body=original)
+    assert not verification.ok
+    assert any(label in problem and "checksum invalid: 1" in problem for problem in verification.problems), (
+        verification.problems
+    )
+    assert any("referenced by" in problem for problem in verification.problems)
+
+
+def test_verify_of_a_backup_whose_stanza_is_gone(backups: Backups) -> None:
+    moved = backups.incr.model_copy(update={"restore": {**backups.incr.restore, "stanza": "no-such-stanza"}})
+    verification = backups.driver.verify(moved, backups.store)
+    assert not verification.ok
+    assert "stanza 'no-such-stanza' does not exist" in verification.problems[0]
+    assert "check stanza and repo_path" in verification.problems[0]
+
+
+def test_restore_into_the_source_address_is_refused_before_writing(
+    backups: Backups, pgbackrest_source: PgBackRestSource
+) -> None:
+    before = _source_files(pgbackrest_source)
+    scratch_before = set(Path(scratch_dir("probe-")).parent.glob("ops-pgbackrest-restore-*"))
+    # "localhost" is not the spec's "127.0.0.1", but resolves to it.
+    target = RestoreTest(target={"host": "localhost", "port": pgbackrest_source.server.port})
+    with pytest.raises(RestoreRefused, match="same resolved address"):
+        with backups.driver.restore(backups.incr, backups.store, target, Path("/nonexistent")):
+            pass
+    assert _source_files(pgbackrest_source) == before
+    assert set(Path(scratch_dir("probe-")).parent.glob("ops-pgbackrest-restore-*")) == scratch_before
+
+
+def test_restore_into_the_source_data_directory_is_refused_before_writing(
+    backups: Backups, pgbackrest_source: PgBackRestSource, tmp_path: Path
+) -> None:
+    before = _source_files(pgbackrest_source)
+    alias = tmp_path / "looks-like-scratch"
+    alias.symlink_to(pgbackrest_source.server.data_dir)
+    for data_dir in (alias, pgbackrest_source.server.data_dir / "restore-here"):
+        target = RestoreTest(target={"host": "127.0.0.1", "port": free_port(), "data_dir": str(data_dir)})
+        with pytest.raises(RestoreRefused, match="data.dir"):
+            with backups.driver.restore(backups.incr, backups.store, target, tmp_path):
+                pass
+    assert _source_files(pgbackrest_source) == before
+    assert not (pgbackrest_source.server.data_dir / "restore-here").exists()
+
+
+def test_restore_fails_when_the_scratch_port_is_taken(backups: Backups) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        data_dir = Path(scratch_dir("ops-pgbackrest-test-")) / "scratch"
+        target = RestoreTest(target={"host": "127.0.0.1", "port": port, "data_dir": str(data_dir)})
+        with pytest.raises(RestoreError, match=rf"127.0.0.1:{port} is already in use.*restore_test.target.port"):
+            with backups.driver.restore(backups.incr, backups.store, target, Path("/nonexistent")):
+                pass
+    assert not data_dir.exists()
+    shutil.rmtree(data_dir.parent)
+
+
+def test_repository_down_fails_the_backup_and_keeps_the_previous_one(
+    backups: Backups, pgbackrest_source: PgBackRestSource, pgbackrest_s3: S3Repository
+) -> None:
+    dead_port = free_port()
+    driver = pgbackrest_source.driver(pgbackrest_s3.repo(port=dead_port))
+    latest = backups.catalog.latest()
+    started = time.monotonic()
+    with pytest.raises(BackupError) as failure:
+        backups.catalog.run_backup(driver, backups.datastore, "2026-11-23", password=pgbackrest_source.server.password)
+    message = str(failure.value)
+    assert f"localhost:{dead_port}" in message and "PGBACKREST_REPO1_S3_ENDPOINT" in message
+    assert "OPS_BACKUP_BUCKET" in message
+    for secret in (pgbackrest_s3.key, pgbackrest_s3.key_secret, pgbackrest_s3.cipher_pass):
+        assert secret not in message
+    assert time.monotonic() - started < 5
+    assert backups.catalog.latest() == latest
+    assert backups.catalog.listing().orphans == []
+    assert list(backups.store.list("backups/postgres_main/2026-11-23/")) == []
+
+
+def test_a_wrong_pg_path_is_named(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
+    wrong = Path(scratch_dir("ops-pgbackrest-wrong-"))
+    try:
+        datastore = pgbackrest_source.datastore(pg_path=str(wrong))
+        with pytest.raises(BackupError, match=r"pgbackrest check failed: no matching PostgreSQL cluster at pg1-path \(check pg_path"):
+            backups.catalog.run_backup(
+                pgbackrest_source.driver(), datastore, "2026-11-23", password=pgbackrest_source.server.password
+            )
+    finally:
+        shutil.rmtree(wrong)
+    assert backups.catalog.latest() == backups.catalog.latest_in_partition("2026-11-22")
+
+
+def test_broken_wal_archiving_is_named(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
+    server = pgbackrest_source.server
+    with server.connect_superuser() as conn:
+        good = conn.execute("SHOW archive_command").fetchone()[0]  # type: ignore[index]
+        # Looks right, pushes to a stanza that does not exist: every archive-push fails.
+        broken = good.replace(f"--stanza={pgbackrest_source.stanza}", "--stanza=no-such-stanza")
+        conn.execute(f"ALTER SYSTEM SET archive_command = '{broken}'")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        driver = pgbackrest_source.driver(archive_timeout_seconds=2)
+        with pytest.raises(BackupError, match=r"pgbackrest check failed: WAL archiving .* not working \(check the source's archive_command"):
+            backups.catalog.run_backup(driver, backups.datastore, "2026-11-23", password=server.password)
+    finally:
+        with server.connect_superuser() as conn:
+            conn.execute("ALTER SYSTEM RESET archive_command")
+            conn.execute("SELECT pg_reload_conf()")
+            assert conn.execute("SHOW archive_command").fetchone()[0] == good  # type: ignore[index]
+    _wait_archived(pgbackrest_source)
+    assert backups.catalog.latest() == backups.catalog.latest_in_partition("2026-11-22")
+
+
+def test_backup_type_follows_full_every_days(backups: Backups) -> None:
+    record = json.loads(backups.store.get_bytes(backups.full.artifact_list()[0].key))
+    full = record["backup"]
+    started = datetime.fromtimestamp(full["timestamp"]["start"], UTC)
+    assert choose_backup_type([], started, 1) == "full"
+    same_day = started.replace(hour=23, minute=59)
+    assert choose_backup_type([full], same_day, 1) == "incr"
+    assert choose_backup_type([full], started.replace(hour=0, minute=0) + timedelta(days=1), 1) == "full"
+    assert choose_backup_type([full], started + timedelta(days=6), 7) == "incr"
+    assert choose_backup_type([{**full, "error": True}], same_day, 1) == "full"
+
+
+def test_newest_restorable_point_needs_the_segment_in_the_repository() -> None:
+    backup = {"label": "20261122-020000F", "timestamp": {"start": 1_795_312_800, "stop": 1_795_312_860}}
+    stop = datetime.fromtimestamp(1_795_312_860, UTC)
+    later = stop + timedelta(minutes=30)
+    archiver = ArchiverStatus("00000001000000000000000A", later, None, None)
+    assert newest_restorable_point(backup, "00000001000000000000000A", archiver).at == later
+    behind = newest_restorable_point(backup, "000000010000000000000009", archiver)
+    assert (behind.at, behind.basis) == (stop, "backup stop") and "not in the repository" in behind.note
+    backup_file = ArchiverStatus("000000010000000000000009.00000028.backup", later, None, None)
+    assert newest_restorable_point(backup, "000000010000000000000009", backup_file).basis == "wal archive"
+    assert newest_restorable_point(backup, None, ArchiverStatus(None, None, None, None)).at == stop
+
+
+def test_parse_verify_text_reads_pgbackrest_245_output() -> None:
+    report = parse_verify_text(
+        "stanza: main\n"
+        "status: error\n"
+        "  archiveId: 15-1, total WAL checked: 9, total valid WAL: 9\n"
+        "    missing: 0, checksum invalid: 0, size invalid: 0, other: 0\n"
+        "  backup: 20261122-073445F, status: invalid, total files checked: 1269, total valid files: 1268\n"
+        "    missing: 0, checksum invalid: 1, size invalid: 0, other: 0\n"
+    )
+    assert report.status == "error"
+    assert report.archives == {"15-1": {"checked": 9, "valid": 9, "counters": {
+        "missing": 0, "checksum invalid": 0, "size invalid": 0, "other": 0}}}
+    assert report.backups["20261122-073445F"]["status"] == "invalid"
+    assert report.backups["20261122-073445F"]["counters"]["checksum invalid"] == 1
+    assert parse_verify_text("stanza: x\nstatus: error\n  No usable backup.info file\n").messages == [
+        "No usable backup.info file"
+    ]
+
+
+def test_repository_settings_keep_secrets_off_the_record() -> None:
+    repo = PgBackRestRepo.from_settings(
+        {
+            "OPS_BACKUP_BUCKET": "ops-backups",
+            "AWS_REGION": "ap-northeast-2",
+            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+            "AWS_SECRET_ACCESS_KEY": "very-secret",
+            "PGBACKREST_REPO1_CIPHER_PASS": "passphrase",
+        }
+    )
+    assert repo.endpoint == "s3.ap-northeast-2.amazonaws.com" and repo.port == 443
+    assert repo.options("/pgbackrest")["repo1-s3-bucket"] == "ops-backups"
+    for secret in ("AKIAEXAMPLE", "very-secret", "passphrase"):
+        assert secret not in repr(repo) and secret not in repo.options("/pgbackrest").values()
+    assert set(repo.secret_options()) == {"repo1-s3-key", "repo1-s3-key-secret", "repo1-cipher-pass"}
+
+    irsa = PgBackRestRepo.from_settings(
+        {"OPS_BACKUP_BUCKET": "b", "AWS_REGION": "r", "AWS_ROLE_ARN": "arn:aws:iam::1:role/x",
+         "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/token", "PGBACKREST_REPO1_S3_ENDPOINT": "minio:9000"}
+    )
+    assert (irsa.key_type, irsa.endpoint, irsa.port) == ("web-id", "minio", 9000)
+    assert irsa.process_env() == {"AWS_ROLE_ARN": "arn:aws:iam::1:role/x", "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/token"}
+
+    with pytest.raises(MissingSettingError, match="OPS_BACKUP_BUCKET"):
+        PgBackRestRepo.from_settings({"AWS_REGION": "r", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+
+
+def test_no_pgbackrest_or_postgres_process_is_left(backups: Backups) -> None:
+    leftovers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "ops-pgbackrest-restore-" in cmdline or ("pgbackrest" in cmdline and "archive-push" not in cmdline and "--stanza" in cmdline):
+            leftovers.append(cmdline)
+    assert leftovers == []
