@@ -197,3 +197,17 @@ def test_driver_writing_outside_its_prefix_is_refused(tmp_path):
     with pytest.raises(BackupError, match="outside its backup prefix"):
         catalog.run_backup(Stray(), DATASTORE, "2026-11-20")
     assert catalog.latest() is None
+
+
+def test_store_down_during_backup_reports_the_store_not_the_cleanup(aws_env, s3_bucket, monkeypatch):
+    from ops_platform.errors import ServerUnreachableError
+    from ops_platform.local_servers import free_port
+
+    client = aws_client("s3", region="ap-northeast-2", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                        needed_for="test", connect_timeout=1, max_attempts=1)
+    catalog = BackupCatalog(S3ObjectStore(client, s3_bucket), "kv")
+    with pytest.raises(Exception) as caught:
+        catalog.run_backup(BytesDriver(), DATASTORE, "2026-11-20")
+    assert isinstance(caught.value, ServerUnreachableError) or isinstance(caught.value.__cause__, ServerUnreachableError)
+    assert "AWS_ENDPOINT_URL" in str(caught.value)
+    assert any("removed by a later prune" in note for note in getattr(caught.value, "__notes__", []))

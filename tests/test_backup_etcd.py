@@ -22,7 +22,13 @@ from ops_platform.local_servers.etcd import EtcdServer
 from ops_platform.local_servers.process import find_binary, free_port, port_is_open
 from ops_platform.resources.object_store import LocalObjectStore, ObjectStore, S3ObjectStore, aws_client
 from ops_platform.spec import Datastore, RestoreTest
-from tests.fixtures.backup_sources import ETCD_KEYS, etcd_backup_source, etcd_put, processes_mentioning  # noqa: F401
+from tests.fixtures.backup_sources import (  # noqa: F401
+    ETCD_KEYS,
+    etcd_backup_source,
+    etcd_put,
+    free_port_pair,
+    processes_mentioning,
+)
 
 PARTITION = "2026-11-22"
 VERIFY_KEYS = ["/ontology/config/feature-1", "/ontology/*", "/missing/key"]
@@ -36,7 +42,7 @@ def datastore(endpoints: list[str], scratch: Path, **connection: Any) -> Datasto
             "method": "snapshot",
             "connection": {"endpoints": endpoints, **connection},
             "restore_test": {
-                "target": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(scratch)},
+                "target": {"host": "127.0.0.1", "port": free_port_pair(), "data_dir": str(scratch)},
                 "verify_keys": VERIFY_KEYS,
             },
         }

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -72,9 +73,15 @@ def _wait_archived(source: PgBackRestSource, timeout: float = 15.0) -> ArchiverS
     raise AssertionError(f"WAL segment {segment} was not archived within {timeout} s")
 
 
-def _source_files(source: PgBackRestSource) -> dict[str, float]:
+def _source_files(source: PgBackRestSource) -> dict[str, float | None]:
+    """Top-level entries of the source's data directory, with the mtime of its files.
+
+    A restore would add ``recovery.signal`` and ``backup_label`` and rewrite
+    ``postgresql.auto.conf``; the running server keeps touching its
+    directories (pg_wal, pg_stat_tmp), so their times are left out.
+    """
     data_dir = source.server.data_dir
-    return {str(path.relative_to(data_dir)): path.stat().st_mtime for path in data_dir.iterdir()}
+    return {path.name: None if path.is_dir() else path.stat().st_mtime for path in data_dir.iterdir()}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +126,8 @@ def test_first_backup_is_full_and_the_next_one_incr(backups: Backups, pgbackrest
 def test_the_catalog_keeps_a_checksummed_copy_of_the_backup_info(backups: Backups) -> None:
     incr = backups.incr
     [artifact] = incr.artifact_list()
-    assert artifact.name == INFO_ARTIFACT and artifact.key.startswith(f"backups/postgres_main/2026-11-22/{incr.backup_id}/")
+    assert artifact.name == INFO_ARTIFACT
+    assert artifact.key.startswith(f"backups/postgres_main/2026-11-22/{incr.backup_id}/")
     record = json.loads(backups.store.get_bytes(artifact.key))
     assert record["backup"]["label"] == incr.restore["label"]
     assert record["backup"]["type"] == "incr" and record["stanza"] == incr.restore["stanza"]
@@ -145,6 +153,7 @@ def test_recovery_point_follows_the_wal_archive(backups: Backups, pgbackrest_sou
     archived = _wait_archived(pgbackrest_source)
     point = backups.driver.recovery_point(backups.datastore, pgbackrest_source.server.password)
     assert point.basis == "wal archive"
+    assert point.age is not None and timedelta(0) <= point.age < timedelta(minutes=1)
     assert point.at == archived.last_archived_time
     assert point.at > backups.incr.recovery_point
     assert point.backup_label == backups.incr.restore["label"]
@@ -196,11 +205,15 @@ def test_restore_to_a_point_in_time(backups: Backups, pgbackrest_source: PgBackR
         conn.execute("INSERT INTO pitr SELECT 'after' FROM generate_series(1, 5)")
     _wait_archived(pgbackrest_source)
     restore_test = RestoreTest(target={"host": "127.0.0.1", "port": free_port()})
-    with backups.driver.restore(
-        backups.incr, backups.store, restore_test, Path("/nonexistent"), target_time=target_time
-    ) as restored:
-        [result] = restored.run_queries(["SELECT string_agg(DISTINCT batch, ',') FROM pitr"])
-        assert result.value == "before"
+    with pytest.raises(LookupError, match="the body failed"):  # cleanup must not depend on the body
+        with backups.driver.restore(
+            backups.incr, backups.store, restore_test, Path("/nonexistent"), target_time=target_time
+        ) as restored:
+            [result] = restored.run_queries(["SELECT string_agg(DISTINCT batch, ',') FROM pitr"])
+            assert result.value == "before"
+            raise LookupError("the body failed")
+    assert restored.data_dir is not None and not restored.data_dir.parent.exists()
+    assert not port_is_open("127.0.0.1", restore_test.target.port or 0)
 
     with pytest.raises(RestoreRefused, match="target_time"):
         with backups.driver.restore(
@@ -243,14 +256,14 @@ def test_restore_into_the_source_address_is_refused_before_writing(
     backups: Backups, pgbackrest_source: PgBackRestSource
 ) -> None:
     before = _source_files(pgbackrest_source)
-    scratch_before = set(Path(scratch_dir("probe-")).parent.glob("ops-pgbackrest-restore-*"))
+    scratch_before = set(Path(tempfile.gettempdir()).glob("ops-pgbackrest-restore-*"))
     # "localhost" is not the spec's "127.0.0.1", but resolves to it.
     target = RestoreTest(target={"host": "localhost", "port": pgbackrest_source.server.port})
     with pytest.raises(RestoreRefused, match="same resolved address"):
         with backups.driver.restore(backups.incr, backups.store, target, Path("/nonexistent")):
             pass
     assert _source_files(pgbackrest_source) == before
-    assert set(Path(scratch_dir("probe-")).parent.glob("ops-pgbackrest-restore-*")) == scratch_before
+    assert set(Path(tempfile.gettempdir()).glob("ops-pgbackrest-restore-*")) == scratch_before
 
 
 def test_restore_into_the_source_data_directory_is_refused_before_writing(
@@ -302,11 +315,33 @@ def test_repository_down_fails_the_backup_and_keeps_the_previous_one(
     assert list(backups.store.list("backups/postgres_main/2026-11-23/")) == []
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"bucket": "no-such-bucket"}, r"bucket 'no-such-bucket' does not exist at localhost:\d+ .*OPS_BACKUP_BUCKET"),
+        (
+            {"ca_file": None, "io_timeout_seconds": 1},
+            r"TLS certificate of localhost:\d+ is not trusted \(check PGBACKREST_REPO1_STORAGE_CA_FILE",
+        ),
+    ],
+    ids=["bucket-missing", "tls-untrusted"],
+)
+def test_a_misconfigured_repository_is_named(
+    backups: Backups, pgbackrest_source: PgBackRestSource, pgbackrest_s3: S3Repository, change: dict, named: str
+) -> None:
+    driver = pgbackrest_source.driver(pgbackrest_s3.repo(**change))
+    with pytest.raises(BackupError, match=named):
+        backups.catalog.run_backup(driver, backups.datastore, "2026-11-23", password=pgbackrest_source.server.password)
+    assert backups.catalog.latest() == backups.catalog.latest_in_partition("2026-11-22")
+    assert list(backups.store.list("backups/postgres_main/2026-11-23/")) == []
+
+
 def test_a_wrong_pg_path_is_named(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
     wrong = Path(scratch_dir("ops-pgbackrest-wrong-"))
     try:
         datastore = pgbackrest_source.datastore(pg_path=str(wrong))
-        with pytest.raises(BackupError, match=r"pgbackrest check failed: no matching PostgreSQL cluster at pg1-path \(check pg_path"):
+        named = r"pgbackrest check failed: no matching PostgreSQL cluster at pg1-path \(check pg_path"
+        with pytest.raises(BackupError, match=named):
             backups.catalog.run_backup(
                 pgbackrest_source.driver(), datastore, "2026-11-23", password=pgbackrest_source.server.password
             )
@@ -325,14 +360,16 @@ def test_broken_wal_archiving_is_named(backups: Backups, pgbackrest_source: PgBa
         conn.execute("SELECT pg_reload_conf()")
     try:
         driver = pgbackrest_source.driver(archive_timeout_seconds=2)
-        with pytest.raises(BackupError, match=r"pgbackrest check failed: WAL archiving .* not working \(check the source's archive_command"):
+        named = r"pgbackrest check failed: WAL archiving .* not working \(check the source's archive_command"
+        with pytest.raises(BackupError, match=named):
             backups.catalog.run_backup(driver, backups.datastore, "2026-11-23", password=server.password)
     finally:
         with server.connect_superuser() as conn:
             conn.execute("ALTER SYSTEM RESET archive_command")
             conn.execute("SELECT pg_reload_conf()")
-            assert conn.execute("SHOW archive_command").fetchone()[0] == good  # type: ignore[index]
-    _wait_archived(pgbackrest_source)
+    _wait_archived(pgbackrest_source)  # archiving works again: the reset took
+    with server.connect_superuser() as conn:
+        assert conn.execute("SHOW archive_command").fetchone()[0] == good  # type: ignore[index]
     assert backups.catalog.latest() == backups.catalog.latest_in_partition("2026-11-22")
 
 
@@ -401,7 +438,10 @@ def test_repository_settings_keep_secrets_off_the_record() -> None:
          "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/token", "PGBACKREST_REPO1_S3_ENDPOINT": "minio:9000"}
     )
     assert (irsa.key_type, irsa.endpoint, irsa.port) == ("web-id", "minio", 9000)
-    assert irsa.process_env() == {"AWS_ROLE_ARN": "arn:aws:iam::1:role/x", "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/token"}
+    assert irsa.process_env() == {
+        "AWS_ROLE_ARN": "arn:aws:iam::1:role/x",
+        "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/token",
+    }
 
     with pytest.raises(MissingSettingError, match="OPS_BACKUP_BUCKET"):
         PgBackRestRepo.from_settings({"AWS_REGION": "r", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
@@ -414,6 +454,8 @@ def test_no_pgbackrest_or_postgres_process_is_left(backups: Backups) -> None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "ops-pgbackrest-restore-" in cmdline or ("pgbackrest" in cmdline and "archive-push" not in cmdline and "--stanza" in cmdline):
+        scratch_server = "ops-pgbackrest-restore-" in cmdline
+        our_pgbackrest = "pgbackrest" in cmdline and "--stanza" in cmdline and "archive-push" not in cmdline
+        if scratch_server or our_pgbackrest:
             leftovers.append(cmdline)
     assert leftovers == []

@@ -16,7 +16,7 @@ import pytest
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
-from ops_platform.backups.redis_rdb import RedisRdbDriver, ReplicationRdb
+from ops_platform.backups.redis_rdb import RedisRdbDriver, ReplicationRdb, counts_drift
 from ops_platform.backups.restore_target import SCRATCH_MARK_FILE
 from ops_platform.local_servers.process import free_port, port_is_open
 from ops_platform.local_servers.redis import RedisServer
@@ -71,7 +71,7 @@ def test_rdb_fetched_over_replication_is_committed_verified_and_restored(
 
     assert catalog.latest() == manifest
     assert manifest.counts == EXPECTED_COUNTS
-    assert manifest.details["counts_stable"] is True
+    assert manifest.details["counts_stable"] is True and manifest.restore["counts_tolerance"] == 0.0
     assert manifest.source_version.startswith("7.")
     assert manifest.restore["rdb_version"] >= 9 and manifest.restore["fetch"] == "replication"
     assert catalog.verify_artifacts(manifest) == []
@@ -304,6 +304,12 @@ def test_scratch_port_taken_names_the_restore_test_setting(
                 pass
 
     assert not (tmp_path / "scratch").exists()
+
+
+def test_counts_drift_is_the_largest_relative_change() -> None:
+    assert counts_drift({"keys:db0": 100}, {"keys:db0": 100}) == 0.0
+    assert counts_drift({"keys:db0": 100, "keys:db1": 10}, {"keys:db0": 101, "keys:db1": 12}) == 0.2
+    assert counts_drift({}, {"keys:db2": 3}) == 3.0
 
 
 def test_replication_fetch_times_out_when_the_server_hangs(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ the latest, and its leftovers are removed by the driver or, later, by
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from ops_platform.backups.manifest import (
 )
 from ops_platform.resources.object_store import ObjectNotFound, ObjectStore
 from ops_platform.spec import Datastore, Retention
+
+log = logging.getLogger(__name__)
 
 BACKUPS_PREFIX = "backups"
 # A backup directory without a manifest this old is a failed run's leftover.
@@ -97,8 +100,12 @@ class BackupCatalog:
         try:
             outcome = driver.backup(job)
             return self.commit(job, outcome, started_at, now())
-        except BaseException:
-            self._discard(prefix)
+        except BaseException as failure:
+            try:
+                self._discard(prefix)
+            except Exception as cleanup_error:  # the store may be what failed; keep the first error
+                log.warning("could not remove %s after a failed backup: %s", prefix, cleanup_error)
+                failure.add_note(f"leftovers under {prefix} are removed by a later prune")
             raise
 
     def commit(

@@ -64,6 +64,7 @@ TARGET_SETTING = "restore_test.target"
 RESTORED_MEMBER = "restore-test"
 TRAILER_SIZE = 32  # etcd appends the SHA-256 of the database to a snapshot
 ALL_KEYS = b"\0"  # as key and range_end: every key
+MAX_MESSAGE_LINE = 16 * 1024 * 1024  # one JSON message of the snapshot stream (etcd sends 32 KiB blobs)
 
 
 class EtcdError(OpsPlatformError):
@@ -190,7 +191,7 @@ class SnapshotStream:
 
     def _next_blob(self) -> bool:
         try:
-            line = self._response.readline()
+            line = self._response.readline(MAX_MESSAGE_LINE)
         except OSError as error:
             raise BackupError(f"etcd: reading the snapshot from {self.endpoint} failed after {self.bytes_read} bytes: {error}") from None
         if not line:

@@ -1,4 +1,4 @@
-"""PostgreSQL physical backups with pgBackRest (InfraSpec §7.1): a full backup each day, ``incr`` between fulls, WAL archived continuously.
+"""PostgreSQL physical backups with pgBackRest (InfraSpec §7.1): daily full, ``incr`` between fulls, WAL archive.
 
 Backup: make sure the stanza exists (``stanza-create`` when the repository
 has none), ``check`` that the source archives its WAL into the repository,
@@ -56,7 +56,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -92,14 +92,18 @@ from ops_platform.local_servers.process import (
 )
 from ops_platform.resources.datastores import PostgresEndpoint
 from ops_platform.resources.object_store import ObjectStore
-from ops_platform.spec import Datastore, PgBackRestOptions, RestoreTest, Retention
+from ops_platform.spec import Connection, Datastore, PgBackRestOptions, RestoreTest, Retention
 
 INFO_ARTIFACT = "pgbackrest-info.json"
 DEFAULT_PORT = 5432
 TARGET_SETTING = "restore_test.target"
 SPEC_SECTION = "pgbackrest section of the datastore in the platform spec"
 # What a child process gets besides its pgBackRest options.
-DEFAULT_BASE_ENV: dict[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "TZ": "UTC"}
+DEFAULT_BASE_ENV: dict[str, str] = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C",
+    "TZ": "UTC",
+}
 
 # Logged user tables of the users' schemas; unlogged ones come back empty from a physical backup.
 LOGGED_TABLES_SQL = """
@@ -284,7 +288,8 @@ def pgbackrest_config_text(
     PostgreSQL service user.
     """
     globals_ = {**repo.options(repo_path), **repo.secret_options(), "log-level-file": "off", **(extra or {})}
-    lines = ["[global]", *(f"{name}={value}" for name, value in globals_.items()), "", f"[{stanza}]", f"pg1-path={pg_path}", ""]
+    lines = ["[global]", *(f"{name}={value}" for name, value in globals_.items())]
+    lines += ["", f"[{stanza}]", f"pg1-path={pg_path}", ""]
     return "\n".join(lines)
 
 
@@ -318,6 +323,12 @@ class RecoveryPoint:
     backup_label: str | None
     last_archived_wal: str | None = None
     note: str = ""
+    measured_at: datetime | None = None
+
+    @property
+    def age(self) -> timedelta | None:
+        """How much would be lost restoring now: what the RPO objective bounds."""
+        return None if self.measured_at is None else self.measured_at - self.at
 
 
 @dataclass(frozen=True)
@@ -400,7 +411,8 @@ def newest_restorable_point(
     wal = _wal_segment(archiver.last_archived_wal)
     if wal is None or archiver.last_archived_time is None:
         return RecoveryPoint(stop, "backup stop", label, note="the source has archived no WAL")
-    if archive_max is None or _wal_segment(archive_max) is None or _wal_segment(archive_max) < wal:  # type: ignore[operator]
+    repository_max = _wal_segment(archive_max)
+    if repository_max is None or repository_max < wal:
         return RecoveryPoint(
             stop, "backup stop", label, wal,
             note=f"the source's last archived WAL {wal} is not in the repository (archive max {archive_max})",
@@ -506,7 +518,6 @@ class PgBackRestDriver:
             return self._pgbackrest_bin
         return find_binary(self._pgbackrest_bin)
 
-    # -- backup ---------------------------------------------------------------
 
     def backup(self, job: BackupJob) -> BackupOutcome:
         datastore = job.datastore
@@ -552,6 +563,7 @@ class PgBackRestDriver:
                 "lsn_stop": entry["lsn"]["stop"],
                 "backup_stop": _epoch(entry["timestamp"]["stop"]).isoformat(),
                 "references": list(entry.get("reference") or []),
+                "process_max": pg.process_max,
                 "cipher": info.get("cipher", self.repo.cipher),
                 "database": datastore.connection.database,
                 "user": datastore.connection.user,
@@ -601,13 +613,13 @@ class PgBackRestDriver:
             raise OpsPlatformError(f"{where}: the repository {self.repo.address} holds no backup yet")
         newest = max(backups, key=lambda b: b["timestamp"]["stop"])
         try:
-            archiver = self._archiver(datastore, password)
+            point = newest_restorable_point(newest, _archive_max(info or {}), self._archiver(datastore, password))
         except OpsPlatformError as error:
-            point = newest_restorable_point(newest, _archive_max(info or {}), None)
-            return RecoveryPoint(point.at, point.basis, point.backup_label, note=f"source not read: {error}")
-        return newest_restorable_point(newest, _archive_max(info or {}), archiver)
+            point = replace(
+                newest_restorable_point(newest, _archive_max(info or {}), None), note=f"source not read: {error}"
+            )
+        return replace(point, measured_at=self.clock())
 
-    # -- verify ---------------------------------------------------------------
 
     def verify(self, manifest: BackupManifest, store: ObjectStore) -> Verification:
         """``pgbackrest verify`` of the repository, judged for this backup, its references and the WAL archive.
@@ -631,7 +643,7 @@ class PgBackRestDriver:
             except OpsPlatformError as error:
                 return Verification(False, (str(error),), checked)
             if info is None:
-                return Verification(False, (self._stanza_missing(where, stanza, restore["repo_path"]),), checked)
+                return Verification(False, (self._stanza_missing(stanza, restore["repo_path"]),), checked)
             entries = {b["label"]: b for b in info.get("backup", [])}
             entry = entries.get(label)
             if entry is None:
@@ -671,13 +683,14 @@ class PgBackRestDriver:
                 )
         checked["wal_checked"] = sum(result["checked"] for result in report.archives.values())
         checked["other_backups"] = {
-            name: result["status"] for name, result in report.backups.items() if name not in needed and result["status"] != "valid"
+            name: result["status"]
+            for name, result in report.backups.items()
+            if name not in needed and result["status"] != "valid"
         }
         if report.status != "ok" and not problems and not checked["other_backups"]:
             problems.extend(f"pgbackrest verify: {message}" for message in report.messages or [report.status])
         return Verification(not problems, tuple(problems), checked)
 
-    # -- restore --------------------------------------------------------------
 
     @contextmanager
     def restore(
@@ -703,7 +716,8 @@ class PgBackRestDriver:
         stanza, label = restore.get("stanza"), restore.get("label")
         if not stanza or not label or not restore.get("repo_path"):
             raise RestoreRefused(
-                f"restore of '{name}' refused: manifest {manifest.backup_id} has no pgBackRest stanza, label or repo_path"
+                f"restore of '{name}' refused: manifest {manifest.backup_id} has no pgBackRest "
+                "stanza, label or repo_path"
             )
         host, port = target.host or "127.0.0.1", target.port
         refuse_restore_into_source(
@@ -730,13 +744,15 @@ class PgBackRestDriver:
         where = f"restore of '{name}' backup {label} (stanza '{stanza}')"
         with ExitStack() as cleanup:
             session = cleanup.enter_context(self._session(stanza, self._repo_options_for(restore["repo_path"])))
-            base = cleanup.enter_context(scratch_data_dir(self._scratch_base(target, cleanup), f"{TARGET_SETTING}.data_dir"))
+            base_path = self._scratch_base(target, cleanup)
+            base = cleanup.enter_context(scratch_data_dir(base_path, f"{TARGET_SETTING}.data_dir"))
             data_dir = base / "pgdata"
             data_dir.mkdir(mode=0o700)
             chown_to(base, self.run_as)
             self._run_checked(
                 session, where, RestoreError, "restore",
                 f"--set={label}", f"--pg1-path={data_dir}", "--archive-mode=off",
+                f"--process-max={int(restore.get('process_max') or 1)}",
                 *recovery, "--target-action=promote", f"--tablespace-map-all={base / 'tablespaces'}",
             )
             server = self._start_scratch(session, name, data_dir, base, host, port, restore)
@@ -757,7 +773,7 @@ class PgBackRestDriver:
                 data_dir=data_dir,
             )
 
-    def _scratch_base(self, target: Any, cleanup: ExitStack) -> Path:
+    def _scratch_base(self, target: Connection, cleanup: ExitStack) -> Path:
         if target.data_dir:
             return Path(target.data_dir)
         parent = scratch_dir("ops-pgbackrest-restore-")
@@ -806,7 +822,6 @@ class PgBackRestDriver:
                 )
             time.sleep(0.05)
 
-    # -- pgBackRest plumbing ----------------------------------------------------
 
     def _repo_options(self, pg: PgBackRestOptions) -> dict[str, str]:
         return self._repo_options_for(pg.repo_path)
@@ -914,12 +929,12 @@ class PgBackRestDriver:
             ) from None
         for repo in stanza.get("repo", []):
             code = repo.get("status", {}).get("code")
-            message = _printable(str(repo.get("status", {}).get("message", "")).split("\n")[0])
+            message = str(repo.get("status", {}).get("message", ""))
             if code in (0, 2):  # ok, or no valid backup yet
                 continue
             if code in (1, 3):  # missing stanza path / missing stanza data
                 return None
-            raise error(f"{where}: {self._explain_text(message, session, where)}")
+            raise error(f"{where}: {self._explain_text(message, session, where, said=message.split(chr(10))[0])}")
         return stanza
 
     def _require_repository(self, where: str, error: type[OpsPlatformError]) -> None:
@@ -934,12 +949,20 @@ class PgBackRestDriver:
         text = "\n".join(run.error_lines()) or f"exit code {run.returncode}"
         return self._explain_text(text, session, where)
 
-    def _explain_text(self, text: str, session: _Session, where: str) -> str:
+    def _explain_text(self, text: str, session: _Session, where: str, *, said: str | None = None) -> str:
         """Say what to check for the failures an operator can fix; keep the tool's words."""
-        said = _printable(session.scrub(_first_error(text)), 600)
+        said = _printable(session.scrub(said if said is not None else _first_error(text)), 600)
         repo = self.repo
         if "HostConnectError" in text or ("unable to connect to '" in text and "dbname=" not in text):
-            hint = f"the repository {repo.address} is unreachable (check {repo.endpoint_setting} and {repo.bucket_setting})"
+            hint = (
+                f"the repository {repo.address} is unreachable "
+                f"(check {repo.endpoint_setting} and {repo.bucket_setting})"
+            )
+        elif "certificate" in text:
+            hint = (
+                f"the TLS certificate of {repo.endpoint}:{repo.port} is not trusted "
+                "(check PGBACKREST_REPO1_STORAGE_CA_FILE, or PGBACKREST_REPO1_STORAGE_VERIFY_TLS for a test endpoint)"
+            )
         elif "NoSuchBucket" in text:
             hint = f"bucket '{repo.bucket}' does not exist at {repo.endpoint}:{repo.port} (check {repo.bucket_setting})"
         elif any(code in text for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", " 403 ")):
@@ -964,19 +987,18 @@ class PgBackRestDriver:
         elif "[027]" in text or "[058]" in text or "pg_control" in text:
             hint = f"no matching PostgreSQL cluster at pg1-path (check pg_path in the {SPEC_SECTION})"
         elif "missing stanza" in text or "stanza-create" in text:
-            hint = self._stanza_missing(where, session.stanza, "")
+            hint = self._stanza_missing(session.stanza, "")
         else:
             return said
         return f"{hint}; pgbackrest said: {said}"
 
-    def _stanza_missing(self, where: str, stanza: str, repo_path: str) -> str:
+    def _stanza_missing(self, stanza: str, repo_path: str) -> str:
         in_path = f" under {repo_path}" if repo_path else ""
         return (
             f"stanza '{stanza}' does not exist in the repository {self.repo.address}{in_path} "
             f"(check stanza and repo_path in the {SPEC_SECTION}; a backup creates it)"
         )
 
-    # -- the source -------------------------------------------------------------
 
     def _endpoint(self, datastore: Datastore, password: str | None) -> PostgresEndpoint:
         conn = datastore.connection

@@ -16,8 +16,10 @@ file named by ``CONFIG GET dir`` / ``dbfilename``.
 
 Counts are ``DBSIZE`` per database from ``INFO keyspace`` just before the
 snapshot; writes between that and the fork make them differ from the RDB, so
-the keyspace is read again after the snapshot and ``details.counts_stable``
-says whether it moved.
+the keyspace is read again after the snapshot: ``details.counts_stable`` says
+whether it moved and ``restore.counts_tolerance`` is how far (relative), which
+the restore test allows. Keys whose TTL runs out before the restore are not
+loaded, so a restore long after the backup can count fewer.
 """
 
 from __future__ import annotations
@@ -64,12 +66,22 @@ TARGET_SETTING = "restore_test.target"
 RDB_MAGIC = b"REDIS"
 Fetch = Literal["replication", "server_file"]
 _GLOB = re.compile(r"[*?\[]")
+_MAX_REPLY_LINE = 1024  # a status line; anything longer is not Redis talking
 
 
 def keyspace_counts(client: redis.Redis) -> dict[str, int]:
     """``{"keys:db0": 201, ...}`` from ``INFO keyspace`` (databases without keys are absent)."""
     keyspace = client.info("keyspace")
     return {f"keys:{db}": int(stats["keys"]) for db, stats in sorted(keyspace.items()) if isinstance(stats, dict)}
+
+
+def counts_drift(before: dict[str, int], after: dict[str, int]) -> float:
+    """The largest relative change of a database's key count between two readings (0.0: none)."""
+    drift = 0.0
+    for name in set(before) | set(after):
+        was, now = before.get(name, 0), after.get(name, 0)
+        drift = max(drift, abs(now - was) / max(was, 1))
+    return round(drift, 6)
 
 
 def _command(*args: str | bytes) -> bytes:
@@ -120,7 +132,7 @@ class ReplicationRdb:
             if password:
                 cls._expect_ok(sock, reader, address, _command("AUTH", password), "AUTH", secret=password)
             sock.sendall(_command("REPLCONF", "rdb-only", "1"))
-            reader.readline()  # servers before 7.0 do not know rdb-only; they send the same RDB
+            reader.readline(_MAX_REPLY_LINE)  # servers before 7.0 do not know rdb-only; they send the same RDB
             sock.sendall(_command("SYNC"))
             length = cls._payload_length(reader, address, clock() + snapshot_timeout, clock)
         except OSError as error:
@@ -138,7 +150,7 @@ class ReplicationRdb:
         sock: socket.socket, reader: IO[bytes], address: str, command: bytes, name: str, secret: str | None = None
     ) -> None:
         sock.sendall(command)
-        reply = reader.readline().decode(errors="replace").strip()
+        reply = reader.readline(_MAX_REPLY_LINE).decode(errors="replace").strip()
         if reply != "+OK":
             if secret:
                 reply = reply.replace(secret, "***")
@@ -147,7 +159,7 @@ class ReplicationRdb:
     @staticmethod
     def _payload_length(reader: IO[bytes], address: str, deadline: float, clock: Callable[[], float]) -> int:
         while True:
-            line = reader.readline()
+            line = reader.readline(_MAX_REPLY_LINE)
             if line == b"\n":  # keepalive while the server writes the snapshot
                 if clock() > deadline:
                     raise BackupError(f"redis: {address} did not send its RDB within the snapshot timeout")
@@ -383,6 +395,8 @@ class RedisRdbDriver:
                 "redis_version": version,
                 "fetch": self.fetch,
                 "source": source_of(conn),
+                # The RDB holds a keyspace between the two readings; a restore test allows that much.
+                "counts_tolerance": counts_drift(counts, counts_after),
             },
             counts=counts,
             details={

@@ -674,7 +674,8 @@ class S3ObjectStore(ObjectStore):
         return f"{type(error).__name__}: {error}"
 
     def _translate(self, error: Exception, action: str, key: str | None) -> OpsPlatformError:
-        target = self.url(key) if key else f"s3://{self.bucket}/{self.prefix}"
+        # Not self.url(): key may be a listing prefix, which is no valid key.
+        target = f"s3://{self.bucket}/{self.prefix}{key or ''}"
         if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
             return MissingSettingError(CREDENTIALS_SETTING, f"s3 bucket '{self.bucket}'")
         if isinstance(error, (BotoConnectionError, HTTPClientError)):
