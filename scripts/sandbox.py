@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=str(REPO_ROOT / ".sandbox"), help="data directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000, help="port of the Dagster UI")
+    parser.add_argument(
+        "--no-first-backups", dest="first_backups", action="store_false",
+        help="do not back up and restore-test the datastores on the first start",
+    )
     args = parser.parse_args(argv)
 
     spec = load_spec(args.spec)
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(ready {time.monotonic() - began:.1f} s after start); Ctrl-C stops everything",
             flush=True,
         )
+        if args.first_backups and not any((sandbox / "store" / "backups").rglob("manifest.json")):
+            first = start_first_backups(spec, sandbox, settings)
+            started.append(first)
+            print(f"sandbox: taking the first backups and restore tests (log {first.log_path})", flush=True)
         while dagster.running():
             time.sleep(0.5)
         print(f"sandbox: dagster dev exited with code {dagster.process.returncode}", flush=True)
@@ -243,6 +251,30 @@ WORKSPACE_QUERY = (
     "{ workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus "
     "locationOrLoadError { __typename ... on PythonError { message } } } } } }"
 )
+
+
+def start_first_backups(spec: Spec, sandbox: Path, settings: dict[str, str]) -> ServerProcess:
+    """Back up every sandbox datastore into today's partition, then restore-test each,
+    as runs of the sandbox's Dagster instance, so the UI shows them from the start."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    today = datetime.now(ZoneInfo(spec.platform.timezone)).date().isoformat()
+    dagster = str(Path(sys.executable).parent / "dagster")
+    backups = ",".join(f"backups/{store.name}" for store in spec.datastores)
+    restore_tests = ",".join(f"restore_tests/{s.name}" for s in spec.datastores if s.restore_test)
+    script = (
+        f"{shlex.quote(dagster)} asset materialize -m ops_platform.definitions "
+        f"--select {shlex.quote(backups)} --partition {today} && "
+        f"{shlex.quote(dagster)} asset materialize -m ops_platform.definitions "
+        f"--select {shlex.quote(restore_tests)}"
+    )
+    env = {**os.environ, **settings, "TMPDIR": str(sandbox / "tmp"), "DAGSTER_DISABLE_TELEMETRY": "1"}
+    process = ServerProcess(
+        "first backups", ["bash", "-c", script], log_path=sandbox / "first-backups.log",
+        ready=lambda: True, cwd=REPO_ROOT, env=env,
+    )
+    return process.start()
 
 
 def _ui_answers(host: str, port: int) -> bool:

@@ -40,7 +40,7 @@ def spec(url: str, prefix: str | None = PREFIX) -> Datastore:
         "engine": "milvus",
         "method": "milvus_backup",
         "connection": {"url": url},
-        "milvus": {"collections": ["concept_vectors", "relation_vectors"]},
+        "milvus": {"server_url": url, "collections": ["concept_vectors", "relation_vectors"]},
         "restore_test": {"target": {"url": url}, "rename_prefix": prefix, "verify_keys": ["concept_vectors"]},
     })
 
@@ -136,7 +136,7 @@ def test_restore_that_could_touch_source_collections_is_refused_before_any_write
     milvus.collections[("default", "vectors")] = 10
     datastore = Datastore.model_validate({
         **spec(milvus.backup_url).model_dump(exclude_none=True),
-        "milvus": {"collections": ["vectors", "relation_vectors"]},
+        "milvus": {"server_url": milvus.backup_url, "collections": ["vectors", "relation_vectors"]},
     })
     manifest = BackupCatalog(store, datastore.name).run_backup(driver(milvus), datastore, "2026-11-22")
     writes = len(milvus.writes())

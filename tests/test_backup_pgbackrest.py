@@ -73,6 +73,19 @@ def _wait_archived(source: PgBackRestSource, timeout: float = 15.0) -> ArchiverS
     raise AssertionError(f"WAL segment {segment} was not archived within {timeout} s")
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of the running processes that contain ``text``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
 def _source_files(source: PgBackRestSource) -> dict[str, float | None]:
     """Top-level entries of the source's data directory, with the mtime of its files.
 
@@ -191,6 +204,7 @@ def test_restore_brings_back_the_counted_rows_and_cleans_up(
         assert port_is_open("127.0.0.1", port)  # the scratch server listens where the spec says
     assert restored.data_dir is not None and not restored.data_dir.parent.exists()
     assert not port_is_open("127.0.0.1", port)
+    assert _processes_mentioning(str(restored.data_dir)) == []
 
 
 def test_restore_to_a_point_in_time(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
@@ -214,6 +228,7 @@ def test_restore_to_a_point_in_time(backups: Backups, pgbackrest_source: PgBackR
             raise LookupError("the body failed")
     assert restored.data_dir is not None and not restored.data_dir.parent.exists()
     assert not port_is_open("127.0.0.1", restore_test.target.port or 0)
+    assert _processes_mentioning(str(restored.data_dir)) == []
 
     with pytest.raises(RestoreRefused, match="target_time"):
         with backups.driver.restore(
@@ -447,15 +462,6 @@ def test_repository_settings_keep_secrets_off_the_record() -> None:
         PgBackRestRepo.from_settings({"AWS_REGION": "r", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
 
 
-def test_no_pgbackrest_or_postgres_process_is_left(backups: Backups) -> None:
-    leftovers = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        scratch_server = "ops-pgbackrest-restore-" in cmdline
-        our_pgbackrest = "pgbackrest" in cmdline and "--stanza" in cmdline and "archive-push" not in cmdline
-        if scratch_server or our_pgbackrest:
-            leftovers.append(cmdline)
-    assert leftovers == []
+def test_no_pgbackrest_process_of_this_stanza_is_left(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
+    stanza = f"--stanza={pgbackrest_source.stanza} "
+    assert [cmdline for cmdline in _processes_mentioning(stanza) if "archive-push" not in cmdline] == []

@@ -24,7 +24,7 @@ from ops_platform.spec import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
-def sandbox_spec_with_free_ports(path: Path) -> dict[str, int]:
+def sandbox_spec_with_free_ports(path: Path, data: Path | None = None) -> dict[str, int]:
     raw = yaml.safe_load((REPO_ROOT / "infra" / "sandbox.yaml").read_text())
     raw["extends"] = str(REPO_ROOT / "infra" / "platform.yaml")
     ports = {"postgres": free_port(), "redis": free_port(), "etcd": free_port()}
@@ -35,6 +35,9 @@ def sandbox_spec_with_free_ports(path: Path) -> dict[str, int]:
             store["connection"]["port"] = ports["redis"]
         elif store["engine"] == "etcd":
             store["connection"]["endpoints"] = [f"http://127.0.0.1:{ports['etcd']}"]
+        target = store["restore_test"]["target"]
+        target["port"] = free_port()
+        target["data_dir"] = str((data or path.parent) / "restore-test" / store["name"])
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return ports
 
@@ -50,11 +53,13 @@ def start_sandbox(spec: Path, data: Path, ui_port: int) -> tuple[subprocess.Pope
         env={**os.environ, "DAGSTER_DISABLE_TELEMETRY": "1"},
     )
     assert process.stdout is not None
+    lines = []
     for line in process.stdout:
+        lines.append(line)
         if "Dagster UI at" in line:
             return process, time.monotonic() - started
     process.wait(timeout=30)
-    raise AssertionError(f"sandbox exited with {process.returncode} before the UI was ready")
+    raise AssertionError(f"sandbox exited with {process.returncode} before the UI was ready:\n{''.join(lines)}")
 
 
 def stop_sandbox(process: subprocess.Popen[str]) -> None:
@@ -73,10 +78,39 @@ def graphql(port: int, query: str) -> dict:
         return json.load(response)["data"]
 
 
+MATERIALIZATION_QUERY = """
+query ($path: [String!]!) {
+  assetOrError(assetKey: {path: $path}) {
+    ... on Asset { assetMaterializations(limit: 1) {
+      metadataEntries { label ... on BoolMetadataEntry { boolValue } } } }
+  }
+}
+"""
+
+
+def wait_for_materialization(port: int, path: list[str], label: str, timeout: float) -> object:
+    """The boolean metadata ``label`` of the asset's newest materialization, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/graphql",
+            data=json.dumps({"query": MATERIALIZATION_QUERY, "variables": {"path": path}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            asset = json.load(response)["data"]["assetOrError"]
+        for event in asset.get("assetMaterializations") or []:
+            for entry in event["metadataEntries"]:
+                if entry["label"] == label:
+                    return entry.get("boolValue")
+        time.sleep(1)
+    raise AssertionError(f"no materialization of {'/'.join(path)} within {timeout} s")
+
+
 def test_make_run_starts_serves_stops_and_reuses_data(tmp_path):
     data = scratch_dir("ops-sandbox-test-")
     spec = tmp_path / "sandbox.yaml"
-    ports = sandbox_spec_with_free_ports(spec)
+    ports = sandbox_spec_with_free_ports(spec, data)
     ui_port = free_port()
     try:
         process, ready_after = start_sandbox(spec, data, ui_port)
@@ -97,6 +131,12 @@ def test_make_run_starts_serves_stops_and_reuses_data(tmp_path):
             with psycopg.connect(dsn, autocommit=True) as conn:
                 assert conn.execute("select count(*) from concept").fetchone()[0] == 2000
                 assert conn.execute("select count(*) from relation").fetchone()[0] == 4000
+            for name in ("postgres_main", "redis_cache", "etcd_control_plane"):
+                verified = wait_for_materialization(ui_port, ["restore_tests", name], "verified", timeout=240)
+                assert verified is True, name
+            manifests = list((data / "store" / "backups").rglob("manifest.json"))
+            assert {path.parts[-4] for path in manifests} == {"postgres_main", "redis_cache", "etcd_control_plane"}
+            with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("insert into concept (name, description) values ('marker', 'kept')")
         finally:
             stop_sandbox(process)
