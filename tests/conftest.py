@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.monitoring",
     "tests.fixtures.datastores",
     "tests.fixtures.kube",
+    "tests.fixtures.pgbackrest",
 ]

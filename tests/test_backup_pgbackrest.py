@@ -38,7 +38,7 @@ from ops_platform.local_servers.postgres import scratch_dir
 from ops_platform.local_servers.process import free_port, port_is_open
 from ops_platform.resources.object_store import S3ObjectStore
 from ops_platform.spec import Datastore, RestoreTest
-from tests.fixtures.pgbackrest import PgBackRestSource, S3Repository, pgbackrest_s3, pgbackrest_source  # noqa: F401
+from tests.fixtures.pgbackrest import PgBackRestSource, S3Repository
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from ops_platform.assets.keys import (
 )
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
-from ops_platform.backups.drivers import DriverServices, build_driver
+from ops_platform.backups.drivers import DriverServices, build_driver, current_recovery_point
 from ops_platform.backups.manifest import BackupManifest, ManifestError
 from ops_platform.backups.restore_test import RestoreTestResult, result_rows, run_restore_test
 from ops_platform.metadata import human_bytes, table
@@ -214,7 +214,7 @@ def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
             try:
                 result = run_restore_test(
                     store, driver, catalog, Path(work_dir),
-                    current_recovery_point=getattr(driver, "current_recovery_point", None),
+                    current_recovery_point=current_recovery_point(driver, store, services),
                 )
             except (RestoreRefused, RestoreError) as error:
                 raise dg.Failure(str(error)) from None

@@ -55,8 +55,13 @@ def build_driver(datastore: Datastore, services: DriverServices) -> BackupDriver
         return PostgresDumpDriver(target_password=_optional(services.target_password, datastore))
     if engine == "postgresql" and method == "pgbackrest":
         from ops_platform.backups.postgres_pgbackrest import PgBackRestDriver, PgBackRestRepo
+        from ops_platform.local_servers.postgres import service_user
 
-        return PgBackRestDriver(PgBackRestRepo.from_settings(_pgbackrest_settings(services)))
+        return PgBackRestDriver(
+            PgBackRestRepo.from_settings(_pgbackrest_settings(services)),
+            run_as=service_user(),
+            pg_socket_path=services.environ.get("PGBACKREST_PG1_SOCKET_PATH"),
+        )
     if engine == "redis":
         from ops_platform.backups.redis_rdb import RedisRdbDriver
 
@@ -91,6 +96,17 @@ def build_driver(datastore: Datastore, services: DriverServices) -> BackupDriver
 
         return VeleroBackupDriver(services.kubernetes())
     raise AssertionError(f"the spec admitted {engine}/{method}, which has no driver")
+
+
+def current_recovery_point(
+    driver: BackupDriver, datastore: Datastore, services: DriverServices
+) -> Callable[[Any], Any] | None:
+    """The newest restorable point now, for drivers that know better than the manifest (WAL archive)."""
+    recovery_point = getattr(driver, "recovery_point", None)
+    if recovery_point is None:
+        return None
+    password = _optional(services.password, datastore)
+    return lambda manifest: recovery_point(datastore, password).at
 
 
 def _optional(getter: Callable[[Datastore], str | None], datastore: Datastore) -> str | None:

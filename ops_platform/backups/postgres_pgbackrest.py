@@ -518,7 +518,6 @@ class PgBackRestDriver:
             return self._pgbackrest_bin
         return find_binary(self._pgbackrest_bin)
 
-
     def backup(self, job: BackupJob) -> BackupOutcome:
         datastore = job.datastore
         pg = _pgbackrest_section(datastore, BackupError)
@@ -620,7 +619,6 @@ class PgBackRestDriver:
             )
         return replace(point, measured_at=self.clock())
 
-
     def verify(self, manifest: BackupManifest, store: ObjectStore) -> Verification:
         """``pgbackrest verify`` of the repository, judged for this backup, its references and the WAL archive.
 
@@ -658,7 +656,7 @@ class PgBackRestDriver:
             )
         checked["returncode"] = run.returncode
         if not run.ok:
-            problems.append(f"{where}: {self._explain(run, session, where)}")
+            problems.append(f"{where}: {self._explain(run, session)}")
             return Verification(False, tuple(problems), checked)
         report = parse_verify_text(run.stdout)
         checked |= {"verify_status": report.status, "backups_checked": len(report.backups)}
@@ -690,7 +688,6 @@ class PgBackRestDriver:
         if report.status != "ok" and not problems and not checked["other_backups"]:
             problems.extend(f"pgbackrest verify: {message}" for message in report.messages or [report.status])
         return Verification(not problems, tuple(problems), checked)
-
 
     @contextmanager
     def restore(
@@ -822,7 +819,6 @@ class PgBackRestDriver:
                 )
             time.sleep(0.05)
 
-
     def _repo_options(self, pg: PgBackRestOptions) -> dict[str, str]:
         return self._repo_options_for(pg.repo_path)
 
@@ -909,7 +905,7 @@ class PgBackRestDriver:
     ) -> ToolRun:
         run = self._run(session, command, *args)
         if not run.ok:
-            raise error(f"{where}: pgbackrest {command} failed: {self._explain(run, session, where)}")
+            raise error(f"{where}: pgbackrest {command} failed: {self._explain(run, session)}")
         return run
 
     def _stanza_info(
@@ -918,7 +914,7 @@ class PgBackRestDriver:
         """The stanza's entry of ``info --output=json``; None when the repository has no such stanza."""
         run = self._run(session, "info", "--output=json")
         if not run.ok:
-            raise error(f"{where}: pgbackrest info failed: {self._explain(run, session, where)}")
+            raise error(f"{where}: pgbackrest info failed: {self._explain(run, session)}")
         try:
             document = json.loads(run.stdout)
             stanza = next(entry for entry in document if entry.get("name") == session.stanza)
@@ -934,7 +930,8 @@ class PgBackRestDriver:
                 continue
             if code in (1, 3):  # missing stanza path / missing stanza data
                 return None
-            raise error(f"{where}: {self._explain_text(message, session, where, said=message.split(chr(10))[0])}")
+            first_line = message.splitlines()[0] if message else f"status code {code}"
+            raise error(f"{where}: {self._explain_text(message, session, said=first_line)}")
         return stanza
 
     def _require_repository(self, where: str, error: type[OpsPlatformError]) -> None:
@@ -945,11 +942,11 @@ class PgBackRestDriver:
                 f"timed out (check {self.repo.endpoint_setting} and {self.repo.bucket_setting})"
             )
 
-    def _explain(self, run: ToolRun, session: _Session, where: str) -> str:
+    def _explain(self, run: ToolRun, session: _Session) -> str:
         text = "\n".join(run.error_lines()) or f"exit code {run.returncode}"
-        return self._explain_text(text, session, where)
+        return self._explain_text(text, session)
 
-    def _explain_text(self, text: str, session: _Session, where: str, *, said: str | None = None) -> str:
+    def _explain_text(self, text: str, session: _Session, *, said: str | None = None) -> str:
         """Say what to check for the failures an operator can fix; keep the tool's words."""
         said = _printable(session.scrub(said if said is not None else _first_error(text)), 600)
         repo = self.repo
@@ -998,7 +995,6 @@ class PgBackRestDriver:
             f"stanza '{stanza}' does not exist in the repository {self.repo.address}{in_path} "
             f"(check stanza and repo_path in the {SPEC_SECTION}; a backup creates it)"
         )
-
 
     def _endpoint(self, datastore: Datastore, password: str | None) -> PostgresEndpoint:
         conn = datastore.connection
