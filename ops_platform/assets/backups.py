@@ -13,11 +13,12 @@ from ops_platform.assets.keys import (
     layer_key,
     restore_test_key,
 )
-from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
+from ops_platform.backups.base import BackupError
 from ops_platform.backups.catalog import BackupCatalog
 from ops_platform.backups.drivers import DriverServices, build_driver, current_recovery_point
 from ops_platform.backups.manifest import BackupManifest, ManifestError
 from ops_platform.backups.restore_test import RestoreTestResult, result_rows, run_restore_test
+from ops_platform.errors import OpsPlatformError
 from ops_platform.metadata import human_bytes, table
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.resources.object_store import ObjectStoreResource
@@ -44,8 +45,7 @@ def build_backup_assets(spec: Spec) -> list[dg.AssetsDefinition]:
 
 
 def build_backup_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
-    partitions = daily_partitions(spec)
-    return [_checksum_check(store, partitions) for store in spec.datastores]
+    return [_checksum_check(store) for store in spec.datastores]
 
 
 def build_restore_test_assets(spec: Spec) -> list[dg.AssetsDefinition]:
@@ -119,11 +119,10 @@ def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinit
                     password=_services(kubernetes, object_store).password(store),
                     work_dir=Path(work_dir),
                 )
-            except BackupError as error:
-                previous = catalog.latest()
+            except (BackupError, OpsPlatformError) as error:
                 raise dg.Failure(
                     f"backup of '{store.name}' failed: {error}",
-                    metadata={"latest_good_backup": previous.backup_id if previous else "none"},
+                    metadata={"latest_good_backup": _latest_backup_id(catalog)},
                 ) from None
         plan = catalog.prune(store.retention)
         context.log.info(f"backup {manifest.backup_id} committed; pruned {len(plan.delete)}")
@@ -143,12 +142,21 @@ def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinit
     return _backup
 
 
-def _checksum_check(store: Datastore, partitions: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+def _latest_backup_id(catalog: BackupCatalog) -> str:
+    try:
+        latest = catalog.latest()
+    except OpsPlatformError as error:
+        return f"unknown: {error}"
+    return latest.backup_id if latest else "none"
+
+
+def _checksum_check(store: Datastore) -> dg.AssetChecksDefinition:
+    # Not a partitioned check (a Dagster preview that cannot run on its own): in a backup
+    # run it checks that run's partition, run alone it checks the newest backup.
     @dg.asset_check(
         asset=backup_key(store.name),
         name=ARTIFACT_CHECKSUM,
         blocking=True,
-        partitions_def=partitions,
         description="Re-reads the backup's artifacts from the store and compares size and sha256 with the "
         "manifest; then the tool's own verification. A failure blocks downstream work.",
     )
@@ -158,16 +166,17 @@ def _checksum_check(store: Datastore, partitions: dg.PartitionsDefinition) -> dg
         kubernetes: KubernetesResource,
     ) -> dg.AssetCheckResult:
         catalog = BackupCatalog(object_store.get_store(), store.name)
-        partition = context.partition_key
+        partition = context.run.tags.get("dagster/partition")
         try:
-            manifest = catalog.latest_in_partition(partition)
+            manifest = catalog.latest_in_partition(partition) if partition else catalog.latest()
         except ManifestError as error:
             return dg.AssetCheckResult(passed=False, description=str(error))
         if manifest is None:
-            garbled = [str(e) for e in catalog.listing().garbled if f"/{partition}/" in e.url]
+            garbled = [str(e) for e in catalog.listing().garbled if not partition or f"/{partition}/" in e.url]
+            where = f" in {partition}" if partition else ""
             return dg.AssetCheckResult(
                 passed=False,
-                description=garbled[0] if garbled else f"no committed backup of '{store.name}' in {partition}",
+                description=garbled[0] if garbled else f"no committed backup of '{store.name}'{where}",
             )
         problems = catalog.verify_artifacts(manifest)
         checked: dict[str, object] = {}
@@ -216,7 +225,7 @@ def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
                     store, driver, catalog, Path(work_dir),
                     current_recovery_point=current_recovery_point(driver, store, services),
                 )
-            except (RestoreRefused, RestoreError) as error:
+            except OpsPlatformError as error:  # refused, failed restore, store or manifest problem
                 raise dg.Failure(str(error)) from None
         return dg.MaterializeResult(metadata=restore_test_metadata(result))
 
