@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ops_platform.assets import backups, infra, releases, snapshots
+from ops_platform.assets import backups, certificates, compliance, infra, releases, snapshots
 from ops_platform.environment import build_resources, get_environment
 from ops_platform.schedules import backups as backup_schedules
+from ops_platform.schedules import reports as report_schedules
 from ops_platform.spec import Spec, load_spec
 
 
@@ -17,6 +18,8 @@ def build_assets(spec: Spec) -> list[dg.AssetsDefinition]:
         *backups.build_restore_test_assets(spec),
         *snapshots.build_snapshot_assets(spec),
         *releases.build_release_assets(spec),
+        *certificates.build_certificate_assets(spec),
+        *compliance.build_compliance_assets(spec),
     ]
 
 
@@ -24,9 +27,17 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
     backup_jobs = backup_schedules.build_backup_jobs(spec)
     return dg.Definitions(
         assets=build_assets(spec),
-        asset_checks=[*backups.build_backup_checks(spec), *backups.build_restore_test_checks(spec)],
+        asset_checks=[
+            *backups.build_backup_checks(spec),
+            *backups.build_restore_test_checks(spec),
+            *certificates.build_certificate_checks(spec),
+            *compliance.build_compliance_checks(spec),
+        ],
         jobs=backup_jobs,
-        schedules=backup_schedules.build_schedules(spec, backup_jobs),
+        schedules=[
+            *backup_schedules.build_schedules(spec, backup_jobs),
+            *report_schedules.build_report_schedules(spec),
+        ],
         resources=build_resources(spec, environment),
     )
 

@@ -11,7 +11,7 @@ import sys
 
 from ops_platform.spec import Spec, load_spec
 
-GROUP_ORDER = ("infra", "backups", "restore_tests", "snapshots", "apps")
+GROUP_ORDER = ("infra", "backups", "restore_tests", "snapshots", "apps", "certificates", "compliance")
 
 
 def render_mermaid(spec: Spec) -> str:

@@ -290,6 +290,10 @@ class Certificates(_Model):
 class Compliance(_Model):
     exceptions: str = "infra/compliance/exceptions.yaml"
     schedule: Cron = "0 7 * * 1"
+    manifests: str = "infra/layers"  # judged offline, and in place of a cluster when none is configured
+    app_namespaces: list[str] = []  # besides namespaces labelled ops-platform/app-namespace=true
+    admin_roles: list[str] = ["admin", "cluster-admin", "ops-platform:admin"]
+    break_glass_groups: list[str] = ["ops-platform:break-glass"]
 
 
 class Registry(_Model):

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.datastores",
     "tests.fixtures.kube",
     "tests.fixtures.pgbackrest",
+    "tests.fixtures.tls",
 ]

@@ -63,6 +63,8 @@ def test_every_spec_item_has_its_asset(asset_graph):
     expected |= {
         release_key(service.name, env) for service in SPEC.images.services for env in service.environments
     }
+    expected |= {dg.AssetKey(["certificates", "inventory"]), dg.AssetKey(["certificates", "renewals"]),
+                 dg.AssetKey(["compliance", "report"])}
     assert keys == expected
     assert len([k for k in keys if k.path[0] == "infra"]) == 13
     assert release_key("onto-backend", "prod") in keys

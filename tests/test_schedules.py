@@ -20,6 +20,7 @@ def test_every_datastore_volume_and_restore_test_has_a_schedule():
         assert f"restore_test_{store.name}" in names
     for group in SPEC.volumes:
         assert f"snapshot_{group.name}" in names
+    assert {"certificate_scan", "compliance_report"} <= names
 
 
 def test_cadences_follow_the_spec():

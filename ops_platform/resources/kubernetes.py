@@ -40,6 +40,10 @@ class KubernetesError(OpsPlatformError):
     """The API server refused or failed a request."""
 
 
+class KindNotServed(KubernetesError):
+    """The cluster's discovery does not know the kind (its CRD is not installed)."""
+
+
 class WaitTimeout(KubernetesError):
     """An object did not reach a condition within the time allowed."""
 
@@ -137,7 +141,7 @@ class KubernetesClient:
                 lambda: self.dynamic.resources.get(api_version=api_version, kind=kind),
             )
         except ResourceNotFoundError:
-            raise KubernetesError(
+            raise KindNotServed(
                 f"kubernetes: the cluster at {self.host} does not serve kind {kind} in "
                 f"{api_version} (is its CustomResourceDefinition installed?)"
             ) from None

@@ -1,0 +1,47 @@
+"""The catalogue of controls: one module per family, each control one small function.
+
+To add a control, copy a sibling in the family's module (or a new module with
+its own ``CONTROLS`` list added below): the ``@control`` decorator carries its
+id, title, severity, the seed requirement it proves, the CIS id, the
+remediation, the evidence it judges and the object kinds it reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ops_platform.compliance.controls import audit, gatekeeper, graph, ingress, network, quotas, rbac, workloads
+from ops_platform.compliance.exceptions import EXPIRED_EXCEPTION
+from ops_platform.compliance.model import Control
+
+CATALOGUE: tuple[Control, ...] = (
+    *rbac.CONTROLS,
+    *network.CONTROLS,
+    *quotas.CONTROLS,
+    *workloads.CONTROLS,
+    *ingress.CONTROLS,
+    *gatekeeper.CONTROLS,
+    *audit.CONTROLS,
+    *graph.CONTROLS,
+    EXPIRED_EXCEPTION,
+)
+
+
+def kinds_read_by(controls: Iterable[Control]) -> list[str]:
+    """Every object kind the controls read, in catalogue order (what the cluster collector lists)."""
+    return list(dict.fromkeys(kind for control in controls for kind in control.reads))
+
+
+def control_ids(controls: Iterable[Control] = CATALOGUE) -> set[str]:
+    return {control.id for control in controls}
+
+
+def _check_unique(controls: Iterable[Control]) -> None:
+    seen: set[str] = set()
+    for control in controls:
+        if control.id in seen:
+            raise ValueError(f"compliance: two controls with id {control.id}")
+        seen.add(control.id)
+
+
+_check_unique(CATALOGUE)

@@ -1,0 +1,565 @@
+"""Certificate inventory and renewal against real TLS servers on 127.0.0.1 and the fake Kubernetes API.
+
+Every certificate is made here (tests/fixtures/tls.py); cert-manager is played
+by a thread writing to the fake API server, as its controllers would.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from ops_platform.certificates.inventory import (
+    CHECK_CHAIN_VERIFIES,
+    CHECK_ENDPOINT_REACHABLE,
+    CHECK_EXPIRY,
+    CHECK_ISSUANCE,
+    CHECK_KEY_POLICY,
+    CHECK_SANS_COVER_HOST,
+    CHECK_SERVED_IS_STORED,
+    build_inventory,
+)
+from ops_platform.certificates.probe import probe_endpoint, probe_many
+from ops_platform.certificates.renewal import (
+    ISSUING_MESSAGE,
+    ISSUING_REASON,
+    certificates_to_renew,
+    issuing_conditions,
+    renew,
+)
+from ops_platform.certificates.x509_info import (
+    CertificateParseError,
+    certificate_info,
+    key_policy_ok,
+    key_policy_problem,
+    load_trust_roots,
+    names_cover,
+    parse_pem_chain,
+    sans_cover,
+    verify_chain,
+)
+from ops_platform.errors import ServerUnreachableError
+from ops_platform.local_servers.process import free_port
+from ops_platform.resources.kubernetes import KubernetesResource
+from tests.fixtures.tls import CertificateAuthority
+
+CM = "cert-manager.io/v1"
+CERTIFICATE_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "certificates.cert-manager.io"},
+    "spec": {
+        "group": "cert-manager.io",
+        "scope": "Namespaced",
+        "names": {"plural": "certificates", "singular": "certificate", "kind": "Certificate",
+                  "shortNames": ["cert", "certs"]},
+        "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+                      "schema": {"openAPIV3Schema": {"type": "object",
+                                                     "x-kubernetes-preserve-unknown-fields": True}}}],
+    },
+}
+LOOPBACK = "127.0.0.1"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def info(issued):
+    return certificate_info(issued.certificate)
+
+
+def chain_info(issued):
+    return parse_pem_chain(issued.chain_pem)
+
+
+def resolve_all(*hosts: str) -> dict[str, str]:
+    return {host: LOOPBACK for host in hosts}
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def certificate_object(namespace, name, secret, dns_names, *, not_after=None, ready="True", revision=1,
+                       generation=1, extra_status=None):
+    status = {"conditions": [{"type": "Ready", "status": ready, "reason": "Ready" if ready == "True" else "Failed",
+                              "message": "Certificate is up to date and has not expired",
+                              "lastTransitionTime": rfc3339(now()), "observedGeneration": generation}],
+              "revision": revision}
+    if not_after is not None:
+        status["notAfter"] = rfc3339(not_after)
+    status.update(extra_status or {})
+    return {"apiVersion": CM, "kind": "Certificate",
+            "metadata": {"name": name, "namespace": namespace, "generation": generation},
+            "spec": {"secretName": secret, "dnsNames": list(dns_names),
+                     "issuerRef": {"kind": "ClusterIssuer", "name": "platform-ca"}},
+            "status": status}
+
+
+@pytest.fixture
+def kube(kubeconfig_path):
+    return KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake").get_client()
+
+
+@pytest.fixture
+def cert_manager(kube, kube_api):
+    kube.apply(CERTIFICATE_CRD)
+    return kube_api
+
+
+# x509 facts, key policy, names
+
+
+def test_parse_reads_names_dates_key_and_chain(tls_ca):
+    intermediate = tls_ca.intermediate()
+    issued = intermediate.issue(["onto.test", "*.onto.test"], ip_addresses=["10.0.0.7"], days=30, key="rsa-2048")
+    chain = chain_info(issued)
+    leaf = chain[0]
+    assert [c.subject for c in chain] == [leaf.subject, intermediate.certificate.subject.rfc4514_string()]
+    assert leaf.dns_names == ("onto.test", "*.onto.test") and leaf.ip_addresses == ("10.0.0.7",)
+    assert leaf.issuer == intermediate.certificate.subject.rfc4514_string()
+    assert (leaf.key_type, leaf.key_size, leaf.key_description) == ("RSA", 2048, "RSA 2048")
+    assert leaf.fingerprint_sha256 == issued.fingerprint
+    assert int(leaf.serial, 16) == issued.certificate.serial_number
+    assert 29.9 < leaf.days_left(now()) < 30.1 and not leaf.is_ca and chain[1].is_ca
+    assert leaf.not_before < now() < leaf.not_after
+
+
+def test_garbled_pem_is_a_clear_error():
+    with pytest.raises(CertificateParseError, match="tls.crt of Secret apps/x is not a PEM X.509"):
+        parse_pem_chain(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
+                        what="tls.crt of Secret apps/x")
+
+
+@pytest.mark.parametrize(
+    ("key", "ok"),
+    [("rsa-1024", False), ("rsa-2048", True), ("ec-p256", True), ("ec-p384", True), ("ec-secp256k1", False)],
+)
+def test_key_policy(tls_ca, key, ok):
+    leaf = info(tls_ca.issue(key=key))
+    assert key_policy_ok(leaf) is ok
+    if not ok:
+        assert "policy: RSA >= 2048 bits or ECDSA P-256" in key_policy_problem(leaf)
+
+
+@pytest.mark.parametrize(
+    ("names", "host", "covered"),
+    [
+        (["onto.test"], "onto.test", True),
+        (["onto.test"], "ONTO.test.", True),
+        (["*.onto.test"], "api.onto.test", True),
+        (["*.onto.test"], "onto.test", False),
+        (["*.onto.test"], "a.b.onto.test", False),
+        (["a*.onto.test"], "api.onto.test", False),
+        (["*.test"], "onto.test", False),
+        (["other.test"], "onto.test", False),
+        (["127.0.0.1"], "127.0.0.1", False),
+    ],
+)
+def test_dns_names_cover_host(names, host, covered):
+    assert names_cover(host, names) is covered
+
+
+def test_ip_host_needs_an_ip_san(tls_ca):
+    assert sans_cover(info(tls_ca.issue(["onto.test"], ip_addresses=["127.0.0.1"])), "127.0.0.1")
+    assert not sans_cover(info(tls_ca.issue(["onto.test"])), "127.0.0.1")
+
+
+# chain verification
+
+
+def test_chain_through_an_intermediate_verifies_with_webpki(tls_ca):
+    chain = chain_info(tls_ca.intermediate().issue())
+    result = verify_chain(chain[0], chain[1:], [certificate_info(tls_ca.certificate)])
+    assert result.ok and result.method == "webpki" and len(result.path) == 3
+
+
+def test_missing_intermediate_and_unknown_root_do_not_verify(tls_ca):
+    chain = chain_info(tls_ca.intermediate().issue())
+    roots = [certificate_info(tls_ca.certificate)]
+    missing = verify_chain(chain[0], [], roots)
+    assert not missing.ok and "intermediate is missing or the root is not trusted" in missing.error
+    foreign = CertificateAuthority("someone else's root")
+    unknown = verify_chain(info(foreign.issue()), [], roots)
+    assert not unknown.ok and "someone else's root" in unknown.error
+
+
+def test_expired_intermediate_breaks_the_chain_but_an_expired_leaf_is_left_to_the_expiry_check(tls_ca):
+    roots = [certificate_info(tls_ca.certificate)]
+    lapsed = tls_ca.intermediate("lapsed intermediate", not_after=now() - timedelta(days=1))
+    chain = chain_info(lapsed.issue(days=30))
+    lapsed_result = verify_chain(chain[0], chain[1:], roots)
+    assert not lapsed_result.ok and "CA certificate CN=lapsed intermediate" in lapsed_result.error
+    assert "expired on" in lapsed_result.error
+    expired_leaf = chain_info(tls_ca.intermediate().issue(not_after=now() - timedelta(days=3)))
+    assert verify_chain(expired_leaf[0], expired_leaf[1:], roots).ok
+
+
+def test_private_ca_outside_the_webpki_profile_verifies_by_signature_only():
+    root = CertificateAuthority("root without keyUsage", key_usage=False)
+    result = verify_chain(info(root.issue()), [], [certificate_info(root.certificate)])
+    assert result.ok and result.method == "signatures" and "2.5.29.15" in result.webpki_error
+
+
+def test_no_trust_roots_never_verifies(tls_ca):
+    result = verify_chain(info(tls_ca.issue()), [], [])
+    assert not result.ok and result.error == "no trust roots are configured"
+
+
+def test_trust_roots_are_the_system_store_plus_the_platform_ca(tls_ca, tmp_path):
+    ca_file = tmp_path / "platform-ca.pem"
+    ca_file.write_bytes(tls_ca.pem)
+    roots = load_trust_roots([ca_file])
+    assert len(roots) > 1 and roots[-1].fingerprint_sha256 == certificate_info(tls_ca.certificate).fingerprint_sha256
+    assert load_trust_roots([ca_file], system=False) == roots[-1:]
+    with pytest.raises(CertificateParseError, match="trust roots: cannot read .*missing.pem"):
+        load_trust_roots([tmp_path / "missing.pem"], system=False)
+
+
+# probing live endpoints
+
+
+def test_probe_sends_sni_and_reads_the_chain_as_served(tls_ca, tls_server):
+    issued = tls_ca.intermediate().issue(["onto.test"])
+    server = tls_server(issued)
+    result = probe_endpoint(f"onto.test:{server.port}", timeout=2, resolve=resolve_all("onto.test"))
+    assert result.error is None and result.chain_as_sent
+    assert [c.fingerprint_sha256 for c in result.chain] == [c.fingerprint_sha256 for c in chain_info(issued)]
+    assert server.server_names == ["onto.test"]
+
+
+def test_refused_hanging_and_non_tls_endpoints_are_results_not_exceptions(hanging_port, refused_port):
+    refused = probe_endpoint(f"onto.test:{refused_port}", timeout=1, resolve=resolve_all("onto.test"))
+    assert refused.error == (f"tls endpoint onto.test:{refused_port}: connection refused at "
+                             f"127.0.0.1:{refused_port} (check certificates.endpoints in infra/platform.yaml)")
+    started = time.monotonic()
+    hanging = probe_endpoint(f"{LOOPBACK}:{hanging_port}", timeout=0.4)
+    assert 0.35 < time.monotonic() - started < 1.5
+    assert "no TLS handshake within 0.4 s" in hanging.error and hanging.leaf is None
+    with _plain_text_server() as port:
+        garbled = probe_endpoint(f"{LOOPBACK}:{port}", timeout=1)
+    assert "TLS handshake failed" in garbled.error
+    assert "is not host:port" in probe_endpoint("no-port", timeout=1).error
+
+
+def test_probe_many_keeps_order_and_one_hanging_endpoint_does_not_hold_the_scan(
+    tls_ca, tls_server, hanging_port, refused_port
+):
+    good = [tls_server(tls_ca.issue([LOOPBACK], ip_addresses=[LOOPBACK])) for _ in range(3)]
+    endpoints = [f"{LOOPBACK}:{hanging_port}", *(s.endpoint() for s in good), f"{LOOPBACK}:{refused_port}"]
+    started = time.monotonic()
+    results = probe_many(endpoints, concurrency=4, timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    assert [r.endpoint for r in results] == endpoints
+    assert [r.error is None for r in results] == [False, True, True, True, False]
+
+
+# the inventory
+
+
+def test_inventory_of_endpoints_only(tls_ca, tls_server, hanging_port, refused_port):
+    intermediate = tls_ca.intermediate()
+    stranger = CertificateAuthority("untrusted root")
+    cases = {
+        "expired": intermediate.issue(["expired.test"], not_after=now() - timedelta(days=2)),
+        "ten-days": intermediate.issue(["ten-days.test"], days=10),
+        "twenty-days": intermediate.issue(["twenty-days.test"], days=20),
+        "wrong-san": intermediate.issue(["elsewhere.test"], days=200),
+        "untrusted": stranger.issue(["untrusted.test"], days=200),
+        "no-intermediate": intermediate.issue(["no-intermediate.test"], days=200).without_intermediates(),
+        "weak-key": intermediate.issue(["weak-key.test"], days=200, key="rsa-1024"),
+        "healthy": intermediate.issue(["healthy.test"], days=200, key="ec-p256"),
+    }
+    endpoints = {name: f"{name}.test:{tls_server(issued).port}" for name, issued in cases.items()}
+    endpoints["refused"] = f"refused.test:{refused_port}"
+    endpoints["hanging"] = f"hanging.test:{hanging_port}"
+    inventory = build_inventory(
+        None, list(endpoints.values()), probe_timeout=0.5, concurrency=8,
+        trust_roots=[certificate_info(tls_ca.certificate)], renew_before_days=21, fail_below_days=14,
+        resolve=resolve_all(*(f"{name}.test" for name in endpoints)),
+    )
+
+    def findings(name):
+        row = inventory.row(endpoints[name])
+        return {(f.check, f.severity) for f in row.findings}
+
+    assert any("no Kubernetes cluster is configured (KUBECONFIG / OPS_KUBE_CONTEXT)" in n for n in inventory.notes)
+    assert findings("expired") == {(CHECK_EXPIRY, "ERROR")}
+    assert findings("ten-days") == {(CHECK_EXPIRY, "ERROR")}
+    assert findings("twenty-days") == {(CHECK_EXPIRY, "WARN")}
+    assert findings("wrong-san") == {(CHECK_SANS_COVER_HOST, "ERROR")}
+    assert findings("untrusted") == {(CHECK_CHAIN_VERIFIES, "ERROR")}
+    assert findings("no-intermediate") == {(CHECK_CHAIN_VERIFIES, "ERROR")}
+    assert findings("weak-key") == {(CHECK_KEY_POLICY, "ERROR")}
+    assert findings("healthy") == set()
+    assert findings("refused") == findings("hanging") == {(CHECK_ENDPOINT_REACHABLE, "ERROR")}
+    assert "expires on" in inventory.row(endpoints["ten-days"]).findings[0].message
+    assert "an intermediate is missing" in inventory.row(endpoints["no-intermediate"]).findings[0].message
+    assert "elsewhere.test, not wrong-san.test" in inventory.row(endpoints["wrong-san"]).findings[0].message
+    order = [row.name for row in inventory.rows]
+    assert set(order[:2]) == {endpoints["refused"], endpoints["hanging"]}
+    assert order[2:5] == [endpoints["expired"], endpoints["ten-days"], endpoints["twenty-days"]]
+    table = inventory.table_rows()
+    assert table[2]["days left"] < 0 and table[-1]["days left"] > 199 and table[-1]["findings"]
+
+
+def test_inventory_links_cert_manager_secrets_and_endpoints(tls_ca, tls_server, cert_manager, kube):
+    intermediate = tls_ca.intermediate()
+    roots = [certificate_info(tls_ca.certificate)]
+    current = intermediate.issue(["onto.test"], days=80)
+    older = intermediate.issue(["onto.test"], days=30)
+    expired = intermediate.issue(["stale.test"], not_after=now() - timedelta(days=1))
+    api = intermediate.issue(["api.test"], days=120)
+    legacy = intermediate.issue(["legacy.test"], days=20)
+    cert_manager.put_object(certificate_object("apps", "onto", "onto-tls", ["onto.test"],
+                                               not_after=current.certificate.not_valid_after_utc))
+    cert_manager.put_object(current.tls_secret("apps", "onto-tls", ca=tls_ca.certificate))
+    cert_manager.put_object(certificate_object("ops", "stale", "stale-tls", ["stale.test"],
+                                               not_after=now() + timedelta(days=59)))
+    cert_manager.put_object(expired.tls_secret("ops", "stale-tls"))
+    cert_manager.put_object(certificate_object("apps", "api", "api-tls", ["api.test"], revision=3,
+                                               not_after=api.certificate.not_valid_after_utc))
+    cert_manager.put_object(api.tls_secret("apps", "api-tls"))
+    cert_manager.put_object(certificate_object("apps", "pending", "pending-tls", ["pending.test"], ready="False",
+                                               extra_status={"failedIssuanceAttempts": 2,
+                                                             "lastFailureTime": rfc3339(now())}))
+    cert_manager.put_object(legacy.tls_secret("legacy", "legacy-tls"))
+    garbled = legacy.tls_secret("legacy", "garbled-tls")
+    garbled["data"]["tls.crt"] = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").decode()
+    cert_manager.put_object(garbled)
+    cert_manager.put_object({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                             "metadata": {"name": "not-tls", "namespace": "apps"}, "data": {"a": "Yg=="}})
+    onto_server = tls_server(older)
+    api_server = tls_server(api)
+    onto_endpoint, api_endpoint = f"onto.test:{onto_server.port}", f"api.test:{api_server.port}"
+
+    inventory = build_inventory(kube, [onto_endpoint, api_endpoint], probe_timeout=2, trust_roots=roots,
+                                resolve=resolve_all("onto.test", "api.test"))
+
+    names = {(row.source, row.name) for row in inventory.rows}
+    assert names == {("cert-manager", "apps/onto"), ("cert-manager", "ops/stale"), ("cert-manager", "apps/api"),
+                     ("cert-manager", "apps/pending"), ("secret", "legacy/legacy-tls"),
+                     ("secret", "legacy/garbled-tls"), ("endpoint", onto_endpoint), ("endpoint", api_endpoint)}
+    onto = inventory.row("apps/onto")
+    assert onto.findings == [] and onto.endpoints == (onto_endpoint,) and onto.leaf.fingerprint_sha256 == current.fingerprint
+    assert onto.chain_verification.method == "webpki"
+    served = inventory.row(onto_endpoint)
+    assert served.served_is_stored is False and served.stored == ("apps/onto",)
+    [stale_serving] = [f for f in served.findings if f.check == CHECK_SERVED_IS_STORED]
+    assert stale_serving.severity == "ERROR" and current.fingerprint[:16] in stale_serving.message
+    api_row = inventory.row(api_endpoint)
+    assert api_row.served_is_stored is True and api_row.findings == []
+    stale = {(f.check, f.severity): f.message for f in inventory.row("ops/stale").findings}
+    assert "Ready=True although the certificate in Secret ops/stale-tls expired" in stale[(CHECK_SERVED_IS_STORED, "ERROR")]
+    assert "7895" in stale[(CHECK_SERVED_IS_STORED, "ERROR")]
+    assert (CHECK_EXPIRY, "ERROR") in stale and (CHECK_SERVED_IS_STORED, "WARN") in stale
+    pending = {(f.check, f.severity) for f in inventory.row("apps/pending").findings}
+    assert pending == {(CHECK_ISSUANCE, "ERROR"), (CHECK_ISSUANCE, "WARN")}
+    assert [f.check for f in inventory.row("legacy/legacy-tls").findings] == [CHECK_EXPIRY]
+    assert "tls.crt of Secret legacy/garbled-tls is not a PEM" in inventory.row("legacy/garbled-tls").error
+    assert inventory.rows[0].days_left is None
+    table = {row["name"]: row for row in inventory.table_rows()}
+    assert table["apps/api"]["cert-manager"] == "Ready=True rev 3" and table[onto_endpoint]["served"] == "≠ stored"
+
+
+def test_without_cert_manager_the_inventory_still_has_secrets_and_endpoints(tls_ca, tls_server, kube, kube_api):
+    issued = tls_ca.issue(["legacy.test"], days=200)
+    kube_api.put_object(issued.tls_secret("legacy", "legacy-tls"))
+    server = tls_server(issued)
+    endpoint = f"legacy.test:{server.port}"
+    inventory = build_inventory(kube, [endpoint], probe_timeout=2, trust_roots=[certificate_info(tls_ca.certificate)],
+                                resolve=resolve_all("legacy.test"))
+    assert {(row.source, row.name) for row in inventory.rows} == {("secret", "legacy/legacy-tls"), ("endpoint", endpoint)}
+    assert any("cert-manager is not installed" in note for note in inventory.notes)
+    assert inventory.row(endpoint).served_is_stored is True and inventory.findings() == []
+
+
+def test_unreachable_cluster_names_the_setting(kube_api, tmp_path):
+    config = kube_api.kubeconfig()
+    config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{free_port()}"
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(config))
+    client = KubernetesResource(kubeconfig=str(path), context="fake", request_timeout=2).get_client()
+    with pytest.raises(ServerUnreachableError, match="check KUBECONFIG / OPS_KUBE_CONTEXT"):
+        build_inventory(client, [], trust_roots=[])
+
+
+# renewal
+
+
+def test_issuing_condition_is_the_one_cmctl_sets():
+    at = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+    certificate = certificate_object("apps", "onto", "onto-tls", ["onto.test"], generation=4)
+    conditions = issuing_conditions(certificate, at)
+    assert conditions[0]["type"] == "Ready"
+    assert conditions[1] == {"type": "Issuing", "status": "True", "reason": ISSUING_REASON, "message": ISSUING_MESSAGE,
+                             "lastTransitionTime": "2026-03-01T12:00:00Z", "observedGeneration": 4}
+    certificate["status"]["conditions"] = conditions
+    again = issuing_conditions(certificate, at + timedelta(hours=1))
+    assert len(again) == 2 and again[1]["lastTransitionTime"] == "2026-03-01T12:00:00Z"
+
+
+def play_cert_manager(kube_api, namespace, name, new_issued, *, then=None, fail=False):
+    """A thread acting as cert-manager: on Issuing=True ManuallyTriggered, issue a new revision (or fail)."""
+    seen: dict = {}
+
+    def controller() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            certificate = kube_api.get_object(CM, "certificates", name, namespace)
+            issuing = [c for c in certificate["status"]["conditions"] if c["type"] == "Issuing"]
+            if issuing and issuing[0]["status"] == "True":
+                seen["issuing"] = issuing[0]
+                break
+            time.sleep(0.02)
+        else:
+            return
+        status = certificate["status"]
+        if fail:
+            conditions = [c for c in status["conditions"] if c["type"] != "Issuing"]
+            conditions.append({"type": "Issuing", "status": "False", "reason": "Failed",
+                               "message": "The certificate request has failed to complete and will be retried: "
+                                          "issuer platform-ca is not ready"})
+            kube_api.set_status(CM, "certificates", name, namespace,
+                                {**status, "conditions": conditions, "failedIssuanceAttempts": 1,
+                                 "lastFailureTime": rfc3339(now())})
+            return
+        kube_api.put_object(new_issued.tls_secret(namespace, certificate["spec"]["secretName"]))
+        conditions = [c for c in status["conditions"] if c["type"] != "Issuing"]
+        kube_api.set_status(CM, "certificates", name, namespace,
+                            {**status, "conditions": conditions, "revision": status["revision"] + 1,
+                             "notAfter": rfc3339(new_issued.certificate.not_valid_after_utc)})
+        if then is not None:
+            time.sleep(0.3)
+            then()
+
+    thread = threading.Thread(target=controller, daemon=True)
+    thread.start()
+    return thread, seen
+
+
+def renewal_setup(tls_ca, tls_server, cert_manager, kube):
+    intermediate = tls_ca.intermediate()
+    old = intermediate.issue(["onto.test"], days=20)
+    cert_manager.put_object(certificate_object("apps", "onto", "onto-tls", ["onto.test"], revision=1, generation=2,
+                                               not_after=old.certificate.not_valid_after_utc))
+    cert_manager.put_object(old.tls_secret("apps", "onto-tls"))
+    cert_manager.put_object(intermediate.issue(["legacy.test"], days=5).tls_secret("legacy", "legacy-tls"))
+    server = tls_server(old)
+    external = tls_server(CertificateAuthority("cdn root").issue(["cdn.test"], days=3))
+    endpoints = [f"onto.test:{server.port}", f"cdn.test:{external.port}"]
+    resolve = resolve_all("onto.test", "cdn.test")
+    inventory = build_inventory(kube, endpoints, probe_timeout=2, trust_roots=[certificate_info(tls_ca.certificate)],
+                                resolve=resolve)
+    probe = functools.partial(probe_endpoint, timeout=1, resolve=resolve)
+    return intermediate, server, endpoints, inventory, probe
+
+
+def test_renewal_triggers_cert_manager_and_waits_until_the_new_certificate_is_served(
+    tls_ca, tls_server, cert_manager, kube
+):
+    intermediate, server, endpoints, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube)
+    rows = certificates_to_renew(inventory)
+    assert {(row.source, row.name) for row in rows} == {
+        ("cert-manager", "apps/onto"), ("secret", "legacy/legacy-tls"), ("endpoint", endpoints[1])}
+    new = intermediate.issue(["onto.test"], days=90)
+    served_at: list[float] = []
+
+    def reload_ingress() -> None:
+        server.serve(new)
+        served_at.append(time.monotonic())
+
+    thread, seen = play_cert_manager(cert_manager, "apps", "onto", new, then=reload_ingress)
+    report = renew(kube, rows, dry_run=False, wait_timeout=10, probe=probe, poll_interval=0.05)
+    finished = time.monotonic()
+    thread.join(timeout=5)
+
+    assert seen["issuing"]["reason"] == ISSUING_REASON and seen["issuing"]["message"] == ISSUING_MESSAGE
+    generation = cert_manager.get_object(CM, "certificates", "onto", "apps")["metadata"]["generation"]
+    assert seen["issuing"]["observedGeneration"] == generation and seen["issuing"]["lastTransitionTime"].endswith("Z")
+    patches = [r for r in cert_manager.requests if r.method == "PATCH" and r.path.endswith("/certificates/onto/status")]
+    assert len(patches) == 1 and patches[0].content_type.startswith("application/merge-patch+json")
+    results = {r.name: r for r in report.results}
+    onto = results["apps/onto"]
+    assert onto.action == "renewed", onto.detail
+    assert (onto.revision_before, onto.revision_after) == (1, 2)
+    assert onto.fingerprint_after == new.fingerprint and onto.served == (endpoints[0],)
+    assert served_at and finished >= served_at[0], "renew returned before the new certificate was served"
+    assert results["legacy/legacy-tls"].action == "manual"
+    assert "kubectl create secret tls legacy-tls -n legacy" in results["legacy/legacy-tls"].detail
+    assert results[endpoints[1]].action == "manual" and "not stored in this cluster" in results[endpoints[1]].detail
+    table = {row["certificate"]: row for row in report.table_rows()}
+    assert table["cert-manager apps/onto"]["revision"] == "1 → 2" and table["cert-manager apps/onto"]["served at"]
+
+
+def test_dry_run_patches_nothing_and_says_what_it_would_do(tls_ca, tls_server, cert_manager, kube):
+    _, _, endpoints, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube)
+    before = cert_manager.get_object(CM, "certificates", "onto", "apps")
+    cert_manager.requests.clear()
+    report = renew(kube, certificates_to_renew(inventory), dry_run=True, wait_timeout=10, probe=probe)
+    assert not [r for r in cert_manager.requests if r.method not in ("GET",)]
+    assert cert_manager.get_object(CM, "certificates", "onto", "apps") == before
+    onto = next(r for r in report.results if r.name == "apps/onto")
+    assert onto.action == "would renew" and report.dry_run
+    assert onto.detail.startswith("would set Issuing=True (ManuallyTriggered) on the status of Certificate apps/onto")
+    assert f"until {endpoints[0]} serve the new certificate" in onto.detail
+
+
+def test_renewal_reports_a_failed_issuance_a_silent_controller_and_an_endpoint_that_never_reloads(
+    tls_ca, tls_server, cert_manager, kube
+):
+    intermediate, _, _, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube)
+    [row] = [r for r in certificates_to_renew(inventory) if r.name == "apps/onto"]
+
+    thread, _ = play_cert_manager(cert_manager, "apps", "onto", None, fail=True)
+    failed = renew(kube, [row], dry_run=False, wait_timeout=5, probe=probe).results[0]
+    thread.join(timeout=5)
+    assert failed.action == "failed" and "issuer platform-ca is not ready" in failed.detail
+
+    started = time.monotonic()
+    silent = renew(kube, [row], dry_run=False, wait_timeout=1, probe=probe).results[0]
+    assert silent.action == "failed" and time.monotonic() - started < 4
+    assert "timed out after 1 s waiting for Certificate apps/onto" in silent.detail
+
+    cert_manager.set_status(CM, "certificates", "onto", "apps",
+                            {"revision": 1, "conditions": [{"type": "Ready", "status": "True"}]})
+    new = intermediate.issue(["onto.test"], days=90)
+    thread, _ = play_cert_manager(cert_manager, "apps", "onto", new)
+    not_reloaded = renew(kube, [row], dry_run=False, wait_timeout=5, serve_timeout=0.5, probe=probe,
+                         poll_interval=0.1).results[0]
+    thread.join(timeout=5)
+    assert not_reloaded.action == "failed" and not_reloaded.fingerprint_after == new.fingerprint
+    assert not_reloaded.not_served == (row.endpoints[0],) and "still serves sha256" in not_reloaded.detail
+
+
+@contextlib.contextmanager
+def _plain_text_server() -> Iterator[int]:
+    """A TCP server that answers its first connection with an HTTP line: not TLS."""
+    listener = socket.create_server((LOOPBACK, 0))
+
+    def answer() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(timeout=2)
