@@ -1,15 +1,18 @@
 """PostgreSQL pg_dump backups and restore tests against the bare tools, in one run.
 
 Everything runs here, on loopback: a PostgreSQL 15 started with
-``start_postgres`` in a scratch directory, holding ``pgbench -i`` databases,
-and an S3 bucket on a moto server started by this script. Three figures,
+``start_postgres`` in a scratch directory (autovacuum off, see
+:func:`bench_servers`), holding ``pgbench -i`` databases, and an S3 bucket
+on a moto server started by this script. Three figures,
 each beside its baseline measured in the same run:
 
 1. Backup throughput (MB/s of ``pg_database_size``, MB = 10^6 bytes):
    ``BackupCatalog(S3ObjectStore, "bench").run_backup(PostgresDumpDriver(), ...)``
    against ``pg_dump -Fc <same database> > /dev/null`` (same TCP login, same
    default compression). Runs alternate (ours first, then the baseline
-   first); the median of ``--runs`` is reported. Goal: ratio >= 0.8.
+   first); the best of ``--runs`` is compared, the medians are printed
+   too. Best, because the machine may be shared: other work only ever adds
+   time to a run. Goal: ratio >= 0.8.
 2. Peak RSS of the backup step for a small and a large database: the step
    runs in a child Python process that prints its own ``ru_maxrss`` and
    pg_dump's peak (its ``VmHWM``, polled: ``RUSAGE_CHILDREN`` would report
@@ -21,7 +24,7 @@ each beside its baseline measured in the same run:
    ``pg_restore --no-owner -d <fresh database> <dump file>`` of the same
    dump, read from a local file (downloaded once from the store; a file is
    as fast as a pipe here). A CHECKPOINT precedes every run. Runs
-   alternate; median. Goal: <= 1.2.
+   alternate; best, medians printed too. Goal: <= 1.2.
 
 ``--quick`` uses ~100 MiB (and ~10 MiB as the small RSS database) for a
 check in under a minute; the default (1 GiB) takes about three minutes on
@@ -282,7 +285,12 @@ def bench_servers() -> Iterator[Bench]:
 
         password = secrets.token_urlsafe(18)
         os.environ[PASSWORD_ENV] = password
-        server = start_postgres(base / "pgdata", free_port(), password=password, database="postgres")
+        # Autovacuum off: its workers on the freshly restored tables would compete for the cores in timed
+        # runs, and one still working in the scratch database at cleanup makes the restore test fail
+        # (DROP DATABASE WITH (FORCE) by a role without pg_signal_backend cannot terminate it).
+        server = start_postgres(
+            base / "pgdata", free_port(), password=password, database="postgres", extra_conf={"autovacuum": "off"}
+        )
         cleanup.callback(server.stop)
         with server.connect_superuser() as conn:
             conn.execute(sql.SQL("ALTER ROLE {} CREATEDB").format(sql.Identifier(server.user)))
@@ -359,21 +367,25 @@ def measure_throughput(bench: Bench, database: BenchDatabase, runs: int) -> tupl
         return seconds
 
     ours, baseline = alternate(our_backup, pg_dump, runs)
-    our_median, base_median = statistics.median(ours), statistics.median(baseline)
-    counting = statistics.median(timed(lambda: count_rows_once(bench, database.name))[0] for _ in range(runs))
-    our_rate = database.size_bytes / MB / our_median
-    base_rate = database.size_bytes / MB / base_median
+    our_best, base_best = min(ours), min(baseline)
+    counting = min(timed(lambda: count_rows_once(bench, database.name))[0] for _ in range(runs))
+    our_rate = database.size_bytes / MB / our_best
+    base_rate = database.size_bytes / MB / base_best
     ratio = our_rate / base_rate
     print(
-        f"backup throughput, {database.label}: ops_platform {our_rate:7.1f} MB/s ({our_median:.2f} s)   "
-        f"pg_dump -Fc > /dev/null {base_rate:7.1f} MB/s ({base_median:.2f} s)   ratio {ratio:.2f}x   "
+        f"backup throughput, {database.label}: ops_platform {our_rate:7.1f} MB/s ({our_best:.2f} s)   "
+        f"pg_dump -Fc > /dev/null {base_rate:7.1f} MB/s ({base_best:.2f} s)   ratio {ratio:.2f}x   "
         f"goal >= {THROUGHPUT_GOAL}x  {verdict(ratio >= THROUGHPUT_GOAL)}"
     )
-    print(f"    seconds per run, alternating: ops_platform [{spread(ours)}]  pg_dump [{spread(baseline)}]; median of {runs}")
+    print(
+        f"    best of {runs} alternating runs; seconds per run: ops_platform [{spread(ours)}]  pg_dump [{spread(baseline)}]; "
+        f"medians {statistics.median(ours):.2f} s vs {statistics.median(baseline):.2f} s = ratio "
+        f"{statistics.median(baseline) / statistics.median(ours):.2f}x"
+    )
     print(f"    dump {dump_sizes[-1] / MB:.1f} MB in S3 (moto); MB/s are of the database size")
     print(
-        f"    of our {our_median:.2f} s, counting the rows of every table before pg_dump starts takes "
-        f"{counting:.2f} s (count_rows alone on the same database, median of {runs})"
+        f"    of our {our_best:.2f} s, counting the rows of every table before pg_dump starts takes "
+        f"{counting:.2f} s (count_rows alone on the same database, best of {runs})"
     )
     row = Row(
         "backup throughput", f"{our_rate:.1f} MB/s", f"{base_rate:.1f} MB/s", ratio, f">= {THROUGHPUT_GOAL}x",
@@ -493,8 +505,8 @@ def measure_rss(bench: Bench, small: BenchDatabase, large: BenchDatabase) -> lis
             f"(RUSAGE_CHILDREN {probe['rusage_children_kib'] / 1024:.1f} MiB)   "
             f"{probe['seconds']:.2f} s, dump {probe['dump_bytes'] / MB:.1f} MB"
         )
-        if probe["pg_dump_processes"] != 1:
-            print(f"    warning: saw {probe['pg_dump_processes']} pg_dump processes while polling, expected 1")
+        if probe["pg_dump_processes"] == 0:
+            print("    warning: no pg_dump process was seen while polling; its peak is unknown")
     small_probe, large_probe = probes[small.name], probes[large.name]
     size_ratio = large.size_bytes / small.size_bytes
     for what, field_name in (("python process", "peak_kib"), ("pg_dump", "pg_dump_peak_kib")):
@@ -516,7 +528,7 @@ def measure_rss(bench: Bench, small: BenchDatabase, large: BenchDatabase) -> lis
         )
     print(
         "    python peak is ru_maxrss of the child that ran run_backup (imports included); pg_dump peak is its "
-        f"VmHWM polled every 20 ms, because RUSAGE_CHILDREN keeps the forked Python image's high-water mark; "
+        f"VmHWM polled every 20 ms (the dump and `pg_dump --version`), because RUSAGE_CHILDREN keeps the forked Python image's high-water mark; "
         f"one S3 part is {bench.store.part_size / MiB:.0f} MiB"
     )
     return rows
@@ -570,28 +582,31 @@ def measure_restore(bench: Bench, database: BenchDatabase, runs: int) -> Row:
         return seconds
 
     ours, baseline = alternate(our_restore_test, pg_restore, runs)
-    our_median, base_median = statistics.median(ours), statistics.median(baseline)
-    ratio = our_median / base_median
+    our_best, base_best = min(ours), min(baseline)
+    ratio = our_best / base_best
     print(
-        f"restore test, {database.label}: ops_platform run_restore_test {our_median:6.2f} s   "
-        f"pg_restore --no-owner -d <fresh db> <file> {base_median:6.2f} s   ratio {ratio:.2f}x   "
+        f"restore test, {database.label}: ops_platform run_restore_test {our_best:6.2f} s   "
+        f"pg_restore --no-owner -d <fresh db> <file> {base_best:6.2f} s   ratio {ratio:.2f}x   "
         f"goal <= {RESTORE_GOAL}x  {verdict(ratio <= RESTORE_GOAL)}"
     )
-    print(f"    seconds per run, alternating: ops_platform [{spread(ours)}]  pg_restore [{spread(baseline)}]; median of {runs}")
-    seconds, result = min(results, key=lambda pair: abs(pair[0] - our_median))
+    print(
+        f"    best of {runs} alternating runs; seconds per run: ops_platform [{spread(ours)}]  pg_restore [{spread(baseline)}]; "
+        f"medians {statistics.median(ours):.2f} s vs {statistics.median(baseline):.2f} s = ratio "
+        f"{statistics.median(ours) / statistics.median(baseline):.2f}x"
+    )
+    seconds, result = min(results, key=lambda pair: pair[0])
     checks = seconds - result.total_seconds
     print(
-        f"    breakdown of the run nearest the median ({seconds:.2f} s): checks before restoring (sha256 read-back, pg_restore --list, full decode) "
+        f"    breakdown of the best run ({seconds:.2f} s): checks before restoring (sha256 read-back, pg_restore --list, full decode) "
         f"{checks:.2f} s; restore + counts + verify_sql {result.restore_seconds:.2f} s (the RTO figure); "
         f"drop scratch database {result.total_seconds - result.restore_seconds:.2f} s"
     )
-    rto_median = statistics.median(r.restore_seconds for _, r in results)
     print(
-        f"    restore_seconds alone (what rto_within_objective checks, median) {rto_median:.2f} s = "
-        f"{rto_median / base_median:.2f}x pg_restore; the ratio above is the whole run_restore_test call"
+        f"    restore_seconds alone (what rto_within_objective checks) {result.restore_seconds:.2f} s = "
+        f"{result.restore_seconds / base_best:.2f}x pg_restore; the ratio above is the whole run_restore_test call"
     )
     return Row(
-        "restore test time", f"{our_median:.2f} s", f"{base_median:.2f} s", ratio, f"<= {RESTORE_GOAL}x",
+        "restore test time", f"{our_best:.2f} s", f"{base_best:.2f} s", ratio, f"<= {RESTORE_GOAL}x",
         ratio <= RESTORE_GOAL,
     )
 
@@ -621,8 +636,8 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, help="size of the large database in MiB (default 1024, --quick 100)")
     parser.add_argument("--scale", type=int, help="pgbench scale of the large database (overrides --size-mb)")
     parser.add_argument("--small-size-mb", type=float, help="size of the small RSS database in MiB (default large / 10)")
-    parser.add_argument("--runs", type=int, default=3, help="alternating backup runs of each side (median)")
-    parser.add_argument("--restore-runs", type=int, help="alternating restore runs of each side (default 3, --quick 2)")
+    parser.add_argument("--runs", type=int, default=5, help="alternating backup runs of each side (best)")
+    parser.add_argument("--restore-runs", type=int, help="alternating restore runs of each side (best; default 3, --quick 2)")
     args = parser.parse_args()
     size_mib = args.size_mb or (100 if args.quick else 1024)
     large_scale = args.scale or pgbench_scale(size_mib)
@@ -636,7 +651,7 @@ def main() -> None:
     with bench_servers() as bench:
         print(
             f"PostgreSQL {bench.server.port} and moto S3 {os.environ['AWS_ENDPOINT_URL']} on loopback, "
-            f"{os.cpu_count()} cores; pgbench scales {large_scale} and {small_scale}"
+            f"{os.cpu_count()} cores, autovacuum off; pgbench scales {large_scale} and {small_scale}"
         )
         seconds, large = timed(lambda: bench.create_pgbench_database("bench_large", large_scale))
         print(f"created {large.label} in {seconds:.1f} s")

@@ -44,6 +44,7 @@ CRD_SCHEMA_DIR = REPO_ROOT / "infra" / "crds"
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 GATEKEEPER_CONSTRAINTS_GROUP = "constraints.gatekeeper.sh"
 GATEKEEPER_CONSTRAINT_VERSION = "v1beta1"
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Helm's install order for built-in kinds, CRDs and Namespaces first.
 BUILTIN_APPLY_ORDER: tuple[str, ...] = (
@@ -117,6 +118,9 @@ CLUSTER_SCOPED_BUILTIN_KINDS = frozenset(
     }
 )
 
+# Groups under k8s.io that are served by CRDs, not by the API server itself.
+_CUSTOM_K8S_IO_GROUPS = frozenset({"snapshot.storage.k8s.io", "autoscaling.k8s.io", "gateway.networking.k8s.io"})
+
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
@@ -186,7 +190,7 @@ def read_manifest_documents(path: Path | str) -> list[ManifestDocument]:
 
 def _read_file(file: Path) -> Iterator[ManifestDocument]:
     try:
-        raw_documents = list(yaml.safe_load_all(file.read_text()))
+        raw_documents = list(yaml.load_all(file.read_text(), Loader=_YAML_LOADER))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -236,16 +240,13 @@ def _is_builtin_group(group: str) -> bool:
     return "." not in group or group.endswith(".k8s.io") and group not in _CUSTOM_K8S_IO_GROUPS
 
 
-# Groups under k8s.io that are served by CRDs, not by the API server itself.
-_CUSTOM_K8S_IO_GROUPS = frozenset({"snapshot.storage.k8s.io", "autoscaling.k8s.io", "gateway.networking.k8s.io"})
-
-
 def object_ref(obj: dict[str, Any]) -> str:
     """``Kind namespace/name`` (or ``Kind name`` for cluster-scoped objects), for messages."""
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     name = metadata.get("name", "<no name>")
     namespace = metadata.get("namespace")
-    return f"{obj.get('kind', '<no kind>')} {namespace}/{name}" if namespace else f"{obj.get('kind', '<no kind>')} {name}"
+    kind = obj.get("kind", "<no kind>")
+    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
 
 
 class CrdSchemas:
@@ -286,8 +287,7 @@ class CrdSchemas:
             properties["metadata"] = _OBJECT_META_SCHEMA
             schema.setdefault("required", [])
             schema["required"] = sorted({*schema["required"], "apiVersion", "kind", "metadata"})
-            validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-            self._validators[(group, version["name"], kind)] = validator_class(schema)
+            self._validators[(group, version["name"], kind)] = jsonschema.Draft202012Validator(schema)
 
     def covers(self, api_version: str, kind: str) -> bool:
         group, _, version = api_version.rpartition("/")
@@ -418,7 +418,8 @@ def _metadata_problems(metadata: dict[str, Any]) -> list[str]:
     if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
         problems.append(f"metadata.name {name!r} is not a DNS subdomain (lower case, digits, '-' and '.')")
     namespace = metadata.get("namespace")
-    if namespace is not None and (not isinstance(namespace, str) or len(namespace) > 63 or not _DNS_LABEL.match(namespace)):
+    namespace_ok = isinstance(namespace, str) and len(namespace) <= 63 and _DNS_LABEL.match(namespace)
+    if namespace is not None and not namespace_ok:
         problems.append(f"metadata.namespace {namespace!r} is not a DNS label")
     for key, value in (metadata.get("labels") or {}).items():
         problems += _label_key_problems(str(key), "metadata.labels")
@@ -435,14 +436,18 @@ def _metadata_problems(metadata: dict[str, Any]) -> list[str]:
 
 def _label_key_problems(key: str, where: str) -> list[str]:
     prefix, _, name = key.rpartition("/")
-    if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))) or len(name) > 63 or not _LABEL_NAME.match(name):
+    prefix_ok = not prefix or (len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix))
+    if not prefix_ok or len(name) > 63 or not _LABEL_NAME.match(name):
         return [f"{where}: key {key!r} is not a qualified name"]
     return []
 
 
 def _scope_problems(metadata: dict[str, Any], scope: str | None) -> list[str]:
     if scope == "Namespaced" and not metadata.get("namespace"):
-        return ["metadata.namespace is missing (a namespaced object would land in the applying client's default namespace)"]
+        return [
+            "metadata.namespace is missing "
+            "(a namespaced object would land in the applying client's default namespace)"
+        ]
     if scope == "Cluster" and metadata.get("namespace"):
         return ["metadata.namespace is set on a cluster-scoped kind"]
     return []
@@ -514,7 +519,8 @@ def constraint_crd(template: dict[str, Any]) -> dict[str, Any]:
         "metadata": {
             "name": f"{plural}.{GATEKEEPER_CONSTRAINTS_GROUP}",
             "annotations": {
-                "ops-platform/source": f"generated by Gatekeeper from ConstraintTemplate {template['metadata']['name']}",
+                "ops-platform/source": "generated by Gatekeeper from ConstraintTemplate "
+                + template["metadata"]["name"],
             },
         },
         "spec": {
@@ -533,3 +539,52 @@ def constraint_crd(template: dict[str, Any]) -> dict[str, Any]:
             ],
         },
     }
+
+
+CHART_DIR = REPO_ROOT / "infra" / "k8s" / "ontology-editor"
+
+
+class ChartRenderError(OpsPlatformError):
+    """Helm refused to render the chart (a missing value, a failing template)."""
+
+
+def render_chart(
+    environment: str,
+    values: dict[str, Any] | None = None,
+    chart_dir: Path | str = CHART_DIR,
+    release_name: str = "ontology-editor",
+) -> list[dict[str, Any]]:
+    """The objects of the chart for one environment: values.yaml, then values-<environment>.yaml, then ``values``.
+
+    Rendering is Helm's own (helm-python-sdk carries Helm's library), offline.
+    """
+    import helm_python as helm
+
+    chart_path = resolve_manifest_dir(chart_dir)
+    values_file = chart_path / f"values-{environment}.yaml"
+    if not values_file.is_file():
+        raise ChartRenderError(
+            f"chart {chart_path}: no values file for environment '{environment}' ({values_file.name})"
+        )
+    merged = _deep_merge(yaml.safe_load(values_file.read_text()) or {}, values or {})
+    try:
+        with helm.Chart.load(chart_path) as chart:
+            rendered = chart.render(values=merged, name=release_name, namespace=merged.get("namespace", {}).get("name"))
+    except helm.HelmError as exc:
+        raise ChartRenderError(f"chart {chart_path} ({environment}): {exc}") from None
+    objects: list[dict[str, Any]] = []
+    for template in sorted(rendered):
+        for document in yaml.load_all(rendered[template], Loader=_YAML_LOADER):
+            if document is not None:
+                objects.append(document)
+    return objects
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -30,16 +30,6 @@ REPORT_KEY = dg.AssetKey(["compliance", "report"])
 NO_ERROR_FINDINGS = "no_open_error_findings"
 
 
-def control_config(spec: Spec) -> ControlConfig:
-    settings = spec.compliance
-    return ControlConfig.from_spec(
-        spec,
-        admin_roles=tuple(settings.admin_roles),
-        break_glass_groups=tuple(settings.break_glass_groups),
-        **({"app_namespaces": tuple(settings.app_namespaces)} if settings.app_namespaces else {}),
-    )
-
-
 def _repo_path(path: str) -> Path:
     candidate = Path(path)
     return candidate if candidate.is_absolute() else REPO_ROOT / candidate
@@ -117,7 +107,7 @@ def build_compliance_assets(spec: Spec) -> list[dg.AssetsDefinition]:
         store = object_store.get_store()
         exceptions = load_exceptions(_repo_path(spec.compliance.exceptions), known_controls=control_ids())
         result: Report = evaluate(
-            evidence, CATALOGUE, exceptions, now=now, config=control_config(spec),
+            evidence, CATALOGUE, exceptions, now=now, config=ControlConfig.from_spec(spec),
             previous_report_json=latest_report_json(store),
         )
         stored = store_report(store, result)

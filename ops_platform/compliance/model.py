@@ -59,12 +59,19 @@ class ControlConfig:
 
     @classmethod
     def from_spec(cls, spec: Spec, **overrides: object) -> ControlConfig:
-        """App namespaces and the registry from the platform spec (images section)."""
-        values: dict[str, object] = {}
+        """App namespaces, admin roles and break-glass groups from the spec's compliance
+        section; the registry and the services' namespaces from its images section."""
+        values: dict[str, object] = {
+            "admin_roles": tuple(spec.compliance.admin_roles),
+            "break_glass_groups": tuple(spec.compliance.break_glass_groups),
+        }
+        namespaces = set(spec.compliance.app_namespaces)
         if spec.images is not None:
             registry = spec.images.registry
             values["registries"] = (f"{registry.account}.dkr.ecr.{registry.region}.amazonaws.com/",)
-            values["app_namespaces"] = tuple(sorted({service.namespace for service in spec.images.services}))
+            namespaces |= {service.namespace for service in spec.images.services}
+        if namespaces:
+            values["app_namespaces"] = tuple(sorted(namespaces))
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
