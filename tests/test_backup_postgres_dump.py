@@ -359,3 +359,21 @@ def test_unreachable_scratch_target_names_the_restore_test_setting(
             pass
 
     assert f"127.0.0.1:{port}" in str(failure.value) and "restore_test.target" in str(failure.value)
+
+
+def test_scratch_database_is_dropped_while_a_superuser_process_holds_it(
+    pg_backup_source: PostgresServer, driver: PostgresDumpDriver, tmp_path: Path  # noqa: F811
+) -> None:
+    """As after a large restore, when autovacuum (a superuser process the CREATEDB role may not
+    signal) works on the restored tables: DROP ... WITH (FORCE) is refused, a plain DROP waits."""
+    store = LocalObjectStore(tmp_path / "store")
+    spec = datastore(pg_backup_source)
+    catalog = BackupCatalog(store, spec.name)
+    manifest = catalog.run_backup(driver, spec, PARTITION, password=pg_backup_source.password)
+    holder = None
+    with driver.restore(manifest, store, spec.restore_test, tmp_path):
+        holder = pg_backup_source.connect_superuser("ontology_restore_test")
+        holder.execute("select 1")
+        threading.Timer(1.5, holder.close).start()
+    assert holder is not None and holder.closed
+    assert "ontology_restore_test" not in databases(pg_backup_source)

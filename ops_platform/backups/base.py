@@ -129,7 +129,12 @@ class BackupDriver(Protocol):
         ...
 
     def verify(self, manifest: Any, store: ObjectStore) -> Verification:
-        """Integrity of a committed backup beyond our sha256 (e.g. ``pgbackrest verify``)."""
+        """Integrity of a committed backup beyond our sha256 (e.g. ``pgbackrest verify``).
+
+        A driver whose restore itself proves the artifact (hashing what it
+        restores) sets ``restore_verifies_artifact = True``; the restore test
+        then skips this second read.
+        """
         ...
 
     def restore(

@@ -24,6 +24,7 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -291,6 +292,10 @@ class PostgresDumpDriver:
 
     engine = "postgresql"
     method = "pg_dump"
+
+    # The restore hashes every byte it feeds pg_restore and compares with the manifest,
+    # and pg_restore decodes the whole dump: a separate verify() before it reads it twice more.
+    restore_verifies_artifact = True
 
     def __init__(
         self,
@@ -587,7 +592,7 @@ def create_scratch_database(admin: Callable[[], psycopg.Connection], database: s
             )
         name = sql.Identifier(database)
         if exists:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(name))
+            force_drop_database(conn, database)
         conn.execute(
             sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(name, sql.Identifier(owner))
         )
@@ -598,7 +603,30 @@ def drop_scratch_database(admin: Callable[[], psycopg.Connection], database: str
     with admin() as conn:
         exists, mark = _database_mark(conn, database)
         if exists and mark == SCRATCH_DATABASE_MARK:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(database)))
+            force_drop_database(conn, database)
+
+
+def force_drop_database(conn: psycopg.Connection, database: str, attempts: int = 5) -> None:
+    """DROP DATABASE, ending other sessions first.
+
+    WITH (FORCE) needs the right to signal every backend in the database, and
+    autovacuum (busy after a large restore) belongs to the superuser, which a
+    CREATEDB role may not signal; a plain DROP cancels autovacuum by itself.
+    """
+    name = sql.Identifier(database)
+    try:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(name))
+        return
+    except psycopg.errors.InsufficientPrivilege:
+        pass
+    for attempt in range(attempts):
+        try:
+            conn.execute(sql.SQL("DROP DATABASE {}").format(name))
+            return
+        except psycopg.errors.ObjectInUse:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,339 @@
+"""Releases of one service of the Ontology Editor chart to one environment.
+
+Plain Python, no Dagster import. The shell (``apps/<service>/<env>``) calls:
+
+1. :func:`resolve_image`: the tag must be a pinned git sha (the service's
+   ``tag_pattern``, never ``latest``) that exists in ECR repository
+   ``<service>-<env>``; gives the image digest.
+2. for prod, :func:`passed_staging` on the history of successful staging
+   releases: only a digest that passed staging is promoted.
+3. :func:`release`: render the chart with the tag for this service only,
+   server-side apply this service's objects and the shared ones, wait for the
+   Deployment's rollout, and roll back to the previous ReplicaSet's pod
+   template (as ``kubectl rollout undo`` does) when it does not become
+   available.
+
+Which objects are applied: those labelled ``app.kubernetes.io/name=<service>``
+plus the shared ones (no such label: the Namespace and the namespace-wide
+NetworkPolicies). The other service's objects are left alone, so releasing
+onto-backend never touches onto-frontend's Deployment (its image tag is not
+known here, and re-applying it with any tag would roll it). The shared objects
+render identically for both services, so applying them from either release is
+idempotent.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ops_platform.errors import OpsPlatformError
+from ops_platform.manifests import ManifestDocument, apply_order, object_ref, render_chart, resolve_manifest_dir
+from ops_platform.resources.ecr import EcrRegistry, ImageInfo
+from ops_platform.resources.kubernetes import Condition, KubernetesClient, WaitTimeout
+from ops_platform.spec import Service
+
+NAME_LABEL = "app.kubernetes.io/name"
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+POD_TEMPLATE_HASH = "pod-template-hash"
+MOVING_TAGS = frozenset({"latest"})
+
+
+class ReleaseError(OpsPlatformError):
+    """A release was refused before anything was applied."""
+
+
+class InvalidTag(ReleaseError):
+    """The tag is not a pinned image tag of the service."""
+
+
+class ImageNotFound(ReleaseError):
+    """The tag is not in the service's ECR repository for the environment."""
+
+
+class ReleaseFailed(OpsPlatformError):
+    """The rollout did not become available; ``rollback`` says what was restored."""
+
+    def __init__(self, message: str, *, reason: str, rollback: Rollback | None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.rollback = rollback
+
+
+@dataclass(frozen=True)
+class PreviousRevision:
+    """The Deployment as it ran before the release, recorded before applying."""
+
+    revision: str | None
+    replicaset: str | None
+    template: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rollback:
+    revision: str | None
+    replicaset: str | None
+    action: str  # the apply's action: changed (restored) or unchanged
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    service: str
+    environment: str
+    revision: str | None
+    image: str
+    digest: str
+    created: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    released_at: datetime | None = None
+
+
+def check_tag(service: Service, tag: str) -> None:
+    """Raise :class:`InvalidTag` unless ``tag`` is a pinned tag of ``service``."""
+    if tag in MOVING_TAGS:
+        raise InvalidTag(
+            f"release {service.name}: tag {tag!r} is a moving tag; release a git sha "
+            f"(tag_pattern {service.tag_pattern} in infra/platform.yaml)"
+        )
+    if not re.fullmatch(service.tag_pattern, tag):
+        raise InvalidTag(
+            f"release {service.name}: tag {tag!r} does not match the service's tag_pattern "
+            f"{service.tag_pattern} (infra/platform.yaml)"
+        )
+
+
+def resolve_image(registry: EcrRegistry, service: Service, environment: str, tag: str) -> ImageInfo:
+    """The ECR image of ``tag`` in ``<service>-<environment>``; its digest pins the release."""
+    _check_environment(service, environment)
+    check_tag(service, tag)
+    repository = service.repository(environment)
+    for image in registry.list_images(repository, tag_status="TAGGED"):
+        if tag in image.tags:
+            return image
+    raise ImageNotFound(
+        f"ecr: tag {tag!r} is not in repository '{repository}' of registry {registry.registry} "
+        f"(was the image pushed for {environment}?)"
+    )
+
+
+def passed_staging(history: Iterable[Mapping[str, Any]], tag_or_digest: str) -> bool:
+    """Whether a successful staging release shipped this digest (``sha256:...``) or tag.
+
+    ``history`` holds records ``{tag, digest, at}`` of successful staging
+    releases. The prod gate should pass the digest resolved in ECR: a tag
+    alone could have been re-pushed with other content since.
+    """
+    key = "digest" if tag_or_digest.startswith("sha256:") else "tag"
+    for index, record in enumerate(history):
+        if not isinstance(record, Mapping) or key not in record:
+            raise ValueError(f"staging history record {index} has no {key!r}: {record!r}")
+        if record[key] == tag_or_digest:
+            return True
+    return False
+
+
+def chart_component(service: Service) -> str:
+    """The key of ``service`` in the chart's values.yaml (frontend / backend), found by its ``name``."""
+    values_file = resolve_manifest_dir(service.chart) / "values.yaml"
+    values = yaml.safe_load(values_file.read_text()) or {}
+    for key, section in values.items():
+        if isinstance(section, dict) and section.get("name") == service.name:
+            return key
+    raise ReleaseError(
+        f"release {service.name}: no section with name: {service.name} in {values_file} "
+        "(the chart does not deploy this service)"
+    )
+
+
+def service_objects(objects: Iterable[dict[str, Any]], service: Service) -> list[dict[str, Any]]:
+    """This service's objects and the shared ones, in apply order (Namespace first)."""
+    kept = [
+        ManifestDocument(Path(service.chart), index, obj)
+        for index, obj in enumerate(objects)
+        if (obj.get("metadata", {}).get("labels") or {}).get(NAME_LABEL, service.name) == service.name
+    ]
+    return [document.obj for document in apply_order(kept)]
+
+
+def release(
+    kube: KubernetesClient,
+    service: Service,
+    environment: str,
+    tag: str,
+    digest: str,
+    *,
+    render: Callable[..., list[dict[str, Any]]] = render_chart,
+    wait_timeout: float = 600.0,
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> ReleaseResult:
+    """Apply the chart with ``tag`` for ``service`` and wait for its rollout; roll back when it fails."""
+    _check_environment(service, environment)
+    check_tag(service, tag)
+    component = chart_component(service)
+    # image.tag is the chart's fallback for the other component, whose objects are dropped below.
+    values = {"image": {"tag": tag}, component: {"image": {"tag": tag}}}
+    objects = service_objects(render(environment, values, chart_dir=service.chart), service)
+    deployment = _the_deployment(objects, service)
+    namespace = deployment["metadata"]["namespace"]
+    previous = previous_revision(kube, service.name, namespace)
+
+    result = ReleaseResult(
+        service=service.name,
+        environment=environment,
+        revision=None,
+        image=_image_of(deployment),
+        digest=digest,
+        released_at=clock(),
+    )
+    for obj in objects:
+        applied = kube.apply(obj)
+        getattr(result, applied.action).append(object_ref(obj))
+
+    try:
+        live = wait_for_rollout(kube, service.name, namespace, wait_timeout)
+    except RolloutFailed as failure:
+        rollback = roll_back(kube, deployment, previous)
+        raise ReleaseFailed(
+            _failure_message(service, environment, tag, failure.reason, rollback),
+            reason=failure.reason,
+            rollback=rollback,
+        ) from None
+    revision = (live.get("metadata", {}).get("annotations") or {}).get(REVISION_ANNOTATION)
+    return replace(result, revision=revision)
+
+
+def previous_revision(kube: KubernetesClient, name: str, namespace: str) -> PreviousRevision | None:
+    """The running revision of Deployment ``name``: its revision annotation, ReplicaSet and pod template."""
+    deployment = kube.get("apps/v1", "Deployment", name, namespace)
+    if deployment is None:
+        return None
+    revision = (deployment["metadata"].get("annotations") or {}).get(REVISION_ANNOTATION)
+    replicaset = _replicaset_of_revision(kube, deployment, revision) if revision else None
+    if replicaset is not None:
+        template = _without_hash(replicaset["spec"]["template"])
+        return PreviousRevision(revision, replicaset["metadata"]["name"], template)
+    return PreviousRevision(revision, None, copy.deepcopy(deployment["spec"]["template"]))
+
+
+def _replicaset_of_revision(
+    kube: KubernetesClient, deployment: dict[str, Any], revision: str
+) -> dict[str, Any] | None:
+    uid = deployment["metadata"].get("uid")
+    for replicaset in kube.list("apps/v1", "ReplicaSet", deployment["metadata"]["namespace"]):
+        owners = replicaset["metadata"].get("ownerReferences") or []
+        owned = any(o.get("kind") == "Deployment" and o.get("uid") == uid for o in owners)
+        annotations = replicaset["metadata"].get("annotations") or {}
+        if owned and annotations.get(REVISION_ANNOTATION) == revision:
+            return replicaset
+    return None
+
+
+def _without_hash(template: dict[str, Any]) -> dict[str, Any]:
+    template = copy.deepcopy(template)
+    (template.get("metadata", {}).get("labels") or {}).pop(POD_TEMPLATE_HASH, None)
+    return template
+
+
+class RolloutFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def rollout_state(deployment: dict[str, Any] | None) -> tuple[str, str]:
+    """("complete" | "failed" | "progressing", why) of a Deployment, as ``kubectl rollout status`` judges it."""
+    if deployment is None:
+        return "progressing", "the Deployment does not exist"
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    generation = deployment["metadata"].get("generation", 0)
+    progressing = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), None)
+    if progressing and progressing.get("reason") == "ProgressDeadlineExceeded":
+        return "failed", f"ProgressDeadlineExceeded: {progressing.get('message', '')}".rstrip(": ")
+    if status.get("observedGeneration", 0) < generation:
+        return "progressing", f"generation {generation} not yet observed by the controller"
+    desired = spec.get("replicas", 1)
+    updated, available = status.get("updatedReplicas", 0), status.get("availableReplicas", 0)
+    total = status.get("replicas", 0)
+    if updated == desired and available == desired and total == desired:
+        return "complete", f"{available}/{desired} replicas available"
+    return "progressing", (
+        f"{updated}/{desired} replicas updated, {available}/{desired} available, "
+        f"{status.get('unavailableReplicas', max(desired - available, 0))} unavailable"
+    )
+
+
+def wait_for_rollout(kube: KubernetesClient, name: str, namespace: str, timeout: float) -> dict[str, Any]:
+    """The Deployment once its rollout is complete; :class:`RolloutFailed` on a deadline or timeout."""
+    condition = Condition(
+        "finish its rollout", lambda obj: rollout_state(obj)[0] in ("complete", "failed")
+    )
+    try:
+        live = kube.wait_for("apps/v1", "Deployment", name, namespace, condition, timeout=timeout)
+    except WaitTimeout:
+        live = kube.get("apps/v1", "Deployment", name, namespace)
+        raise RolloutFailed(
+            f"not available after {timeout:g} s: {_with_last_condition(live, rollout_state(live)[1])}"
+        ) from None
+    state, why = rollout_state(live)
+    if state == "failed":
+        raise RolloutFailed(_with_last_condition(live, why))
+    assert live is not None
+    return live
+
+
+def _with_last_condition(deployment: dict[str, Any] | None, why: str) -> str:
+    conditions = ((deployment or {}).get("status") or {}).get("conditions") or []
+    if not conditions or "ProgressDeadlineExceeded" in why:
+        return why
+    last = conditions[-1]
+    return f"{why}; last condition {last.get('type')}={last.get('status')}: {last.get('message', '')}"
+
+
+def roll_back(
+    kube: KubernetesClient, deployment: dict[str, Any], previous: PreviousRevision | None
+) -> Rollback | None:
+    """Re-apply the previous pod template over the rendered Deployment; None when there was no previous one."""
+    if previous is None:
+        return None
+    restored = copy.deepcopy(deployment)
+    restored["spec"]["template"] = previous.template
+    applied = kube.apply(restored)
+    return Rollback(previous.revision, previous.replicaset, applied.action)
+
+
+def _failure_message(
+    service: Service, environment: str, tag: str, reason: str, rollback: Rollback | None
+) -> str:
+    if rollback is None:
+        undone = "nothing to roll back to (first release of the Deployment)"
+    else:
+        source = f"ReplicaSet {rollback.replicaset}" if rollback.replicaset else "the previous Deployment template"
+        undone = f"rolled back to revision {rollback.revision} ({source})"
+    return f"release {service.name} {tag} to {environment} failed: {reason}; {undone}"
+
+
+def _the_deployment(objects: list[dict[str, Any]], service: Service) -> dict[str, Any]:
+    for obj in objects:
+        if obj.get("kind") == "Deployment" and obj["metadata"]["name"] == service.name:
+            return obj
+    raise ReleaseError(f"release {service.name}: the chart {service.chart} renders no Deployment {service.name}")
+
+
+def _image_of(deployment: dict[str, Any]) -> str:
+    return deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def _check_environment(service: Service, environment: str) -> None:
+    if environment not in service.environments:
+        raise ReleaseError(
+            f"release {service.name}: environment {environment!r} is not one of {service.environments} "
+            "(images.services in infra/platform.yaml)"
+        )

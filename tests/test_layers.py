@@ -1,0 +1,406 @@
+"""Applying layers, plans, readiness, drift and the layer checks, against the fake API server over HTTP."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ops_platform import layer_checks
+from ops_platform.layers import LayerError, apply_layer, detect_drift
+from ops_platform.manifests import REPO_ROOT, load_layer_manifests
+from ops_platform.resources.kubernetes import KubernetesClient, KubernetesError, KubernetesResource
+
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.example.com"},
+    "spec": {
+        "group": "example.com",
+        "scope": "Namespaced",
+        "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+        "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+                      "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+    },
+}
+WIDGET = {"apiVersion": "example.com/v1", "kind": "Widget",
+          "metadata": {"name": "gear", "namespace": "shop"}, "spec": {"teeth": 12}}
+NAMESPACE = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}
+CONFIGMAP = {"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"name": "settings", "namespace": "shop"}, "data": {"mode": "strict"}}
+DEPLOYMENT = {
+    "apiVersion": "apps/v1",
+    "kind": "Deployment",
+    "metadata": {"name": "web", "namespace": "shop"},
+    "spec": {
+        "replicas": 2,
+        "selector": {"matchLabels": {"app": "web"}},
+        "template": {
+            "metadata": {"labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "app", "image": "nginx:1.27"},
+                                    {"name": "sidecar", "image": "envoy:1.30"}]},
+        },
+    },
+}
+LAYER = [CRD, NAMESPACE, CONFIGMAP, DEPLOYMENT, WIDGET]
+
+
+@pytest.fixture
+def kube(kubeconfig_path) -> KubernetesClient:
+    return KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake").get_client()
+
+
+def with_data(mode: str) -> dict:
+    changed = copy.deepcopy(CONFIGMAP)
+    changed["data"]["mode"] = mode
+    return changed
+
+
+def make_available(kube_api, name: str = "web", namespace: str = "shop") -> None:
+    deployment = kube_api.get_object("apps/v1", "deployments", name, namespace)
+    replicas = deployment["spec"]["replicas"]
+    kube_api.set_status("apps/v1", "deployments", name, namespace, {
+        "observedGeneration": deployment["metadata"]["generation"],
+        "replicas": replicas, "availableReplicas": replicas, "readyReplicas": replicas,
+        "conditions": [{"type": "Available", "status": "True"}],
+    })
+
+
+@pytest.fixture
+def deployment_controller(kube_api) -> Iterator[None]:
+    """Makes shop/web available 0.3 s after it appears, as the Deployment controller would."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            if kube_api.get_object("apps/v1", "deployments", "web", "shop") is not None:
+                stop.wait(0.3)
+                make_available(kube_api)
+                return
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(timeout=2)
+
+
+def by_ref(result) -> dict:
+    return {outcome.ref: outcome for outcome in result.objects}
+
+
+def test_apply_creates_then_is_unchanged_then_changed(kube, kube_api, deployment_controller):
+    started = time.monotonic()
+    first = apply_layer(kube, LAYER, plan=False, wait_timeout=10)
+    assert time.monotonic() - started < 5
+    assert [o.action for o in first.objects] == ["created"] * 5
+    assert all(o.ready for o in first.objects), first.not_ready
+    assert first.totals() == {"created": 5, "changed": 0, "unchanged": 0, "not_ready": 0}
+    assert kube_api.get_object("example.com/v1", "widgets", "gear", "shop")["spec"] == {"teeth": 12}
+    managers = {e["manager"] for e in kube_api.get_object("v1", "configmaps", "settings", "shop")["metadata"]["managedFields"]}
+    assert managers == {"ops-platform"}
+
+    again = apply_layer(kube, LAYER, plan=False, wait_timeout=2)
+    assert again.totals() == {"created": 0, "changed": 0, "unchanged": 5, "not_ready": 0}
+
+    changed = apply_layer(kube, [CRD, NAMESPACE, with_data("relaxed"), DEPLOYMENT, WIDGET], plan=False, wait_timeout=2)
+    assert by_ref(changed)["ConfigMap shop/settings"].action == "changed"
+    assert changed.totals()["unchanged"] == 4
+    assert kube_api.get_object("v1", "configmaps", "settings", "shop")["data"] == {"mode": "relaxed"}
+
+
+def test_plan_stores_nothing_and_shows_the_diff(kube, kube_api, deployment_controller):
+    fresh = apply_layer(kube, LAYER, plan=True, wait_timeout=5)
+    assert [o.action for o in fresh.objects] == ["would create"] * 5
+    assert all(o.ready is None for o in fresh.objects)
+    assert "widgets.example.com is created by this layer" in by_ref(fresh)["Widget shop/gear"].reason
+    assert kube_api.get_object("v1", "namespaces", "shop") is None
+    assert kube_api.get_object("apiextensions.k8s.io/v1", "customresourcedefinitions", "widgets.example.com") is None
+
+    apply_layer(kube, LAYER, plan=False, wait_timeout=5)
+    version = kube_api.get_object("v1", "configmaps", "settings", "shop")["metadata"]["resourceVersion"]
+    planned = apply_layer(kube, [CRD, NAMESPACE, with_data("relaxed"), DEPLOYMENT, WIDGET], plan=True, wait_timeout=5)
+    outcome = by_ref(planned)["ConfigMap shop/settings"]
+    assert outcome.action == "would change"
+    assert "-  mode: strict" in outcome.diff and "+  mode: relaxed" in outcome.diff
+    assert "managedFields" not in outcome.diff and "resourceVersion" not in outcome.diff
+    assert planned.totals() == {"created": 0, "changed": 1, "unchanged": 4, "not_ready": 0}
+    stored = kube_api.get_object("v1", "configmaps", "settings", "shop")
+    assert stored["data"] == {"mode": "strict"} and stored["metadata"]["resourceVersion"] == version
+
+
+def test_plan_diff_is_bounded(kube, kube_api):
+    kube.apply(NAMESPACE)
+    kube.apply({**CONFIGMAP, "data": {f"key{i}": "a" for i in range(200)}})
+    planned = apply_layer(kube, [{**CONFIGMAP, "data": {f"key{i}": "b" for i in range(200)}}],
+                          plan=True, wait_timeout=1)
+    diff = planned.objects[0].diff
+    assert diff.count("\n") <= 81 and "more lines)" in diff.splitlines()[-1]
+
+
+def test_deployment_never_available_is_not_ready_with_the_reason(kube, kube_api):
+    started = time.monotonic()
+    result = apply_layer(kube, [NAMESPACE, DEPLOYMENT, CONFIGMAP], plan=False, wait_timeout=1.0)
+    assert time.monotonic() - started < 4
+    web = by_ref(result)["Deployment shop/web"]
+    assert web.ready is False and web.action == "created"
+    assert web.reason == "not available within the layer's 1 s wait: 0/2 replicas available; no status reported yet"
+    assert by_ref(result)["ConfigMap shop/settings"].ready is True
+    assert kube_api.get_object("v1", "configmaps", "settings", "shop") is not None
+    assert [o.ref for o in result.not_ready] == ["Deployment shop/web"]
+    assert result.totals()["not_ready"] == 1
+
+
+def test_stale_status_of_an_older_generation_is_not_ready(kube, kube_api):
+    apply_layer(kube, [NAMESPACE, DEPLOYMENT], plan=False, wait_timeout=0)
+    make_available(kube_api)
+    bumped = copy.deepcopy(DEPLOYMENT)
+    bumped["spec"]["template"]["spec"]["containers"][0]["image"] = "nginx:1.28"
+    result = apply_layer(kube, [bumped], plan=False, wait_timeout=0.5)
+    assert result.objects[0].action == "changed" and result.objects[0].ready is False
+    assert "generation 2 not yet observed" in result.objects[0].reason
+
+
+def test_custom_resource_not_ready_until_its_ready_condition_is_true(kube, kube_api):
+    apply_layer(kube, [CRD, NAMESPACE, WIDGET], plan=False, wait_timeout=1)
+    kube_api.set_status("example.com/v1", "widgets", "gear", "shop",
+                        {"conditions": [{"type": "Ready", "status": "False", "message": "gear slipping"}]})
+    result = apply_layer(kube, [WIDGET], plan=False, wait_timeout=0.3)
+    assert result.objects[0].ready is False and "Ready=False (gear slipping)" in result.objects[0].reason
+
+    def become_ready() -> None:
+        time.sleep(0.3)
+        kube_api.set_status("example.com/v1", "widgets", "gear", "shop",
+                            {"conditions": [{"type": "Ready", "status": "True"}]})
+
+    threading.Thread(target=become_ready, daemon=True).start()
+    assert apply_layer(kube, [WIDGET], plan=False, wait_timeout=5).objects[0].ready is True
+
+
+def test_ops_platform_takes_ownership_and_unforced_apply_reports_the_conflict(kube, kube_api, kube_api_client):
+    other = KubernetesClient(kube_api_client, field_manager="helm")
+    apply_layer(kube, [NAMESPACE, CONFIGMAP], plan=False, wait_timeout=1)
+    other.apply(with_data("loose"))
+    assert kube_api.get_object("v1", "configmaps", "settings", "shop")["data"] == {"mode": "loose"}
+
+    result = apply_layer(kube, [NAMESPACE, CONFIGMAP], plan=False, wait_timeout=1)
+    assert by_ref(result)["ConfigMap shop/settings"].action == "changed"
+    stored = kube_api.get_object("v1", "configmaps", "settings", "shop")
+    assert stored["data"] == {"mode": "strict"}
+    owners = {e["manager"] for e in stored["metadata"]["managedFields"] if "f:mode" in str(e.get("fieldsV1"))}
+    assert owners == {"ops-platform"}
+
+    other.apply(with_data("loose"))
+    with pytest.raises(KubernetesError, match=r'(?s)apply ConfigMap shop/settings .*409 Conflict.*conflict with "helm": .data.mode'):
+        kube.apply(CONFIGMAP, force=False)
+
+
+def test_missing_crd_is_a_clear_error_and_nothing_is_applied(kube, kube_api):
+    for plan in (True, False):
+        with pytest.raises(LayerError, match=r"kind Widget \(example.com/v1\) is not served: install the "
+                                             r"CustomResourceDefinition of Widget in group example.com "
+                                             r"\(needed by Widget shop/gear\)"):
+            apply_layer(kube, [NAMESPACE, CONFIGMAP, WIDGET], plan=plan, wait_timeout=1)
+    assert kube_api.get_object("v1", "namespaces", "shop") is None
+
+
+def test_drift_in_sync_then_drifted_then_missing(kube, kube_api):
+    apply_layer(kube, [NAMESPACE, CONFIGMAP, DEPLOYMENT], plan=False, wait_timeout=0)
+    report = detect_drift(kube, [NAMESPACE, CONFIGMAP, DEPLOYMENT])
+    assert report.in_sync and report.counts() == {"in_sync": 3, "drifted": 0, "missing": 0}
+
+    live = kube_api.get_object("apps/v1", "deployments", "web", "shop")
+    live["spec"]["replicas"] = 5
+    # Reordered containers and an injected one are not drift; a changed image is.
+    live["spec"]["template"]["spec"]["containers"] = [
+        {"name": "istio-proxy", "image": "istio/proxyv2"},
+        {"name": "sidecar", "image": "envoy:1.30"},
+        {"name": "app", "image": "nginx:1.26"},
+    ]
+    kube_api.put_object(live)
+    kube_api.delete_object("v1", "configmaps", "settings", "shop")
+
+    rows = {row.ref: row for row in detect_drift(kube, [NAMESPACE, CONFIGMAP, DEPLOYMENT, WIDGET]).rows}
+    assert rows["Namespace shop"].state == "in_sync"
+    assert rows["ConfigMap shop/settings"].state == "missing"
+    assert rows["Deployment shop/web"].state == "drifted"
+    assert rows["Deployment shop/web"].differences == [
+        "spec.replicas: manifest 2, live 5",
+        "spec.template.spec.containers[name=app].image: manifest nginx:1.27, live nginx:1.26",
+    ]
+    assert rows["Widget shop/gear"].state == "missing"
+    assert "not served" in rows["Widget shop/gear"].differences[0]
+
+
+def test_drift_compares_positional_lists_whole(kube, kube_api):
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "default-deny", "namespace": "shop"},
+              "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}
+    apply_layer(kube, [NAMESPACE, policy], plan=False, wait_timeout=0)
+    live = kube_api.get_object("networking.k8s.io/v1", "networkpolicies", "default-deny", "shop")
+    live["spec"]["policyTypes"] = ["Ingress"]
+    kube_api.put_object(live)
+    [row] = detect_drift(kube, [policy]).rows
+    assert row.differences == ['spec.policyTypes: manifest ["Ingress","Egress"], live ["Ingress"]']
+
+
+def test_real_storage_layer_plan_then_apply(kube, kube_api):
+    objects = load_layer_manifests("infra/layers/storage")
+    planned = apply_layer(kube, objects, plan=True, wait_timeout=1)
+    assert planned.totals() == {"created": 4, "changed": 0, "unchanged": 0, "not_ready": 0}
+    assert not failed_check(layer_checks.storage_classes_present, kube) is False
+
+    applied = apply_layer(kube, objects, plan=False, wait_timeout=1)
+    assert applied.totals() == {"created": 4, "changed": 0, "unchanged": 0, "not_ready": 0}
+    assert kube_api.get_object("storage.k8s.io/v1", "storageclasses", "fast-ssd")["parameters"]["type"] == "io2"
+    assert layer_checks.storage_classes_present(kube).passed
+    assert detect_drift(kube, objects).in_sync
+    assert apply_layer(kube, objects, plan=True, wait_timeout=1).totals()["unchanged"] == 4
+
+
+def test_real_cluster_and_security_layers(kube, kube_api):
+    # The fake does not serve PriorityClass: of the cluster layer, the namespaces only.
+    apply_layer(kube, load_layer_manifests("infra/layers/cluster/namespaces.yaml"), plan=False, wait_timeout=1)
+    security = load_layer_manifests("infra/layers/security")
+    with pytest.raises(LayerError, match="ExternalSecret in group external-secrets.io"):
+        apply_layer(kube, security, plan=True, wait_timeout=1)
+
+    crds = load_layer_manifests(REPO_ROOT / "infra" / "crds" / "external-secrets.io")
+    result = apply_layer(kube, crds + security, plan=False, wait_timeout=0.5)
+    assert result.created == len(crds) + len(security)
+    # No External Secrets controller in the fake: the stores and secrets never report Ready.
+    assert {o.ref.split()[0] for o in result.not_ready} == {"ExternalSecret", "ClusterSecretStore"}
+    assert all("no status reported" in o.reason for o in result.not_ready)
+    assert layer_checks.default_deny_in_app_namespaces(kube).passed
+
+
+def failed_check(check, kube) -> bool:
+    return not check(kube).passed
+
+
+def node(name: str, **labels: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+
+def test_control_plane_check(kube, kube_api):
+    assert failed_check(layer_checks.control_plane_nodes, kube)
+    for index, zone in enumerate(["a", "a", "a"]):
+        kube_api.put_object(node(f"cp{index}", **{"node-role.kubernetes.io/control-plane": "",
+                                                  "topology.kubernetes.io/zone": f"ap-northeast-2{zone}"}))
+    outcome = layer_checks.control_plane_nodes(kube)
+    assert not outcome.passed and "3 control-plane nodes in 1 zones" in outcome.description
+    kube_api.put_object(node("cp2", **{"node-role.kubernetes.io/control-plane": "",
+                                       "topology.kubernetes.io/zone": "ap-northeast-2c"}))
+    assert layer_checks.control_plane_nodes(kube).passed
+
+
+def test_control_plane_check_on_eks(kube, kube_api):
+    kube_api.put_object(node("ip-10-0-1-1", **{"eks.amazonaws.com/nodegroup": "app"}))
+    outcome = layer_checks.control_plane_nodes(kube)
+    assert outcome.passed and outcome.description.startswith("managed control plane (EKS)")
+
+
+def test_node_group_sizes_check(kube, kube_api):
+    sizes = {"app": 3, "data": 3, "platform": 1}
+    for group, count in sizes.items():
+        for index in range(count):
+            kube_api.put_object(node(f"{group}-{index}", **{"eks.amazonaws.com/nodegroup": group}))
+    outcome = layer_checks.node_group_sizes(kube)
+    assert not outcome.passed and outcome.description.endswith("platform has 1 (range 2-4)")
+    kube_api.put_object(node("platform-1", **{"ops-platform/node-group": "platform"}))
+    assert layer_checks.node_group_sizes(kube).passed
+
+
+def apply_crds(kube, *paths: str) -> None:
+    crds = [crd for path in paths for crd in load_layer_manifests(REPO_ROOT / "infra" / "crds" / path)]
+    apply_layer(kube, crds, plan=False, wait_timeout=2)
+
+
+def test_mtls_check(kube, kube_api):
+    outcome = layer_checks.mtls_strict(kube)
+    assert not outcome.passed and "CRD peerauthentications.security.istio.io not installed" in outcome.description
+    apply_crds(kube, "security.istio.io/peerauthentication.yaml")
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}})
+    assert "no PeerAuthentication 'default'" in layer_checks.mtls_strict(kube).description
+    policy = load_layer_manifests("infra/layers/service_mesh/peer-authentication.yaml")[0]
+    kube.apply({**policy, "spec": {"mtls": {"mode": "PERMISSIVE"}}})
+    assert layer_checks.mtls_strict(kube).description == "mesh-wide mTLS mode PERMISSIVE"
+    kube.apply(policy)
+    assert layer_checks.mtls_strict(kube).passed
+
+
+def app_namespace(name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"ops-platform/app-namespace": "true"}}}
+
+
+def test_default_deny_check(kube, kube_api):
+    assert "no namespace labelled" in layer_checks.default_deny_in_app_namespaces(kube).description
+    kube.apply(app_namespace("shop"))
+    allow = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+             "metadata": {"name": "allow-dns", "namespace": "shop"},
+             "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"ports": [{"port": 53}]}]}}
+    kube.apply(allow)
+    outcome = layer_checks.default_deny_in_app_namespaces(kube)
+    assert not outcome.passed and outcome.description.endswith(": shop")
+    kube.apply({**allow, "metadata": {"name": "default-deny", "namespace": "shop"},
+                "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}})
+    assert layer_checks.default_deny_in_app_namespaces(kube).passed
+
+
+def test_alertmanager_check(kube, kube_api):
+    assert "alertmanagers.monitoring.coreos.com" in layer_checks.alertmanager_replicas(kube).description
+    apply_crds(kube, "monitoring.coreos.com/alertmanager.yaml")
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "monitoring"}})
+    manager = {"apiVersion": "monitoring.coreos.com/v1", "kind": "Alertmanager",
+               "metadata": {"name": "onto", "namespace": "monitoring"}, "spec": {"replicas": 1}}
+    kube.apply(manager)
+    outcome = layer_checks.alertmanager_replicas(kube)
+    assert not outcome.passed and outcome.rows == [{"alertmanager": "monitoring/onto", "replicas": 1}]
+    kube.apply({**manager, "spec": {"replicas": 2}})
+    assert layer_checks.alertmanager_replicas(kube).passed
+
+
+def test_gatekeeper_audit_check(kube, kube_api):
+    assert "constrainttemplates.templates.gatekeeper.sh" in layer_checks.gatekeeper_audit_clean(kube).description
+    apply_crds(kube, "templates.gatekeeper.sh", "constraints.gatekeeper.sh/k8srequiredlabels.yaml")
+    template = {"apiVersion": "templates.gatekeeper.sh/v1", "kind": "ConstraintTemplate",
+                "metadata": {"name": "k8srequiredlabels"},
+                "spec": {"crd": {"spec": {"names": {"kind": "K8sRequiredLabels"}}}, "targets": []}}
+    constraint = {"apiVersion": "constraints.gatekeeper.sh/v1beta1", "kind": "K8sRequiredLabels",
+                  "metadata": {"name": "must-have-owner"}, "spec": {}}
+    kube.apply(template)
+    kube.apply(constraint)
+    outcome = layer_checks.gatekeeper_audit_clean(kube)
+    assert not outcome.passed and "K8sRequiredLabels/must-have-owner not audited yet" in outcome.description
+    kube_api.set_status("constraints.gatekeeper.sh/v1beta1", "k8srequiredlabels", "must-have-owner", None,
+                        {"totalViolations": 4})
+    outcome = layer_checks.gatekeeper_audit_clean(kube)
+    assert not outcome.passed and outcome.description == "4 violations across 1 constraints"
+    kube_api.set_status("constraints.gatekeeper.sh/v1beta1", "k8srequiredlabels", "must-have-owner", None,
+                        {"totalViolations": 0})
+    assert layer_checks.gatekeeper_audit_clean(kube).passed
+
+
+def test_quota_and_limit_range_check(kube, kube_api):
+    kube.apply(app_namespace("shop"))
+    kube.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "quota", "namespace": "shop"},
+                "spec": {"hard": {"pods": "20"}}})
+    outcome = layer_checks.quota_and_limit_range_in_app_namespaces(kube)
+    assert not outcome.passed and outcome.description == "shop lacks a LimitRange"
+    kube.apply({"apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": "limits", "namespace": "shop"},
+                "spec": {"limits": [{"type": "Container", "default": {"cpu": "500m"}}]}})
+    assert layer_checks.quota_and_limit_range_in_app_namespaces(kube).passed
+
+
+def test_every_check_is_mapped_to_a_layer_of_the_platform():
+    import yaml
+
+    layers = {layer["name"] for layer in yaml.safe_load((REPO_ROOT / "infra" / "platform.yaml").read_text())["layers"]}
+    assert set(layer_checks.LAYER_CHECKS) <= layers
+    names = [name for checks in layer_checks.LAYER_CHECKS.values() for name, _ in checks]
+    assert len(names) == len(set(names)) == 8
