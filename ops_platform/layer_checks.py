@@ -267,5 +267,8 @@ LAYER_CHECKS: dict[str, list[tuple[str, LayerCheck]]] = {
     "service_mesh": [(MTLS_CHECK, mtls_strict)],
     "security": [(DEFAULT_DENY_CHECK, default_deny_in_app_namespaces)],
     "monitoring": [(ALERTMANAGER_CHECK, alertmanager_replicas)],
-    "governance": [(GATEKEEPER_AUDIT_CHECK, gatekeeper_audit_clean), (QUOTAS_CHECK, quota_and_limit_range_in_app_namespaces)],
+    "governance": [
+        (GATEKEEPER_AUDIT_CHECK, gatekeeper_audit_clean),
+        (QUOTAS_CHECK, quota_and_limit_range_in_app_namespaces),
+    ],
 }

@@ -124,19 +124,29 @@ def test_release_without_aws_names_the_missing_setting(no_cluster_or_aws):
     assert "AWS_ACCESS_KEY_ID" in error_text(result)
 
 
-def test_layer_with_cluster_is_not_implemented_yet(kubeconfig_path, monkeypatch):
+def test_layer_plan_then_apply_then_checks_on_the_fake_cluster(kubeconfig_path, kube_api, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig_path))
     defs = build_definitions(SPEC, "local")
-    result = dg.materialize(
-        [defs.get_assets_def(layer_key("cluster"))],
-        resources=build_resources(SPEC, "local"),
-        raise_on_error=False,
-    )
-    assert not result.success
-    text = error_text(result)
-    assert "infra layers: applying layer 'cluster'" in text
-    assert "not implemented yet" in text
-    assert result.asset_materializations_for_node("infra__cluster") == []
+    assets_and_checks = [defs.get_assets_def(layer_key("storage")),
+                         *[c for c in defs.asset_checks if any(k.asset_key == layer_key("storage") for k in c.check_keys)]]
+    resources = build_resources(SPEC, "local")
+    instance = dg.DagsterInstance.ephemeral()
+    plan = dg.materialize(assets_and_checks, resources=resources, instance=instance, raise_on_error=False,
+                          run_config={"ops": {"infra__storage": {"config": {"plan": True}}}})
+    assert plan.success
+    assert plan.asset_materializations_for_node("infra__storage") == []
+    assert kube_api.get_object("storage.k8s.io/v1", "storageclasses", "fast-ssd") is None
+    observation = next(e for e in plan.all_events if e.event_type_value == "ASSET_OBSERVATION")
+    assert observation.event_specific_data.asset_observation.metadata["created"].value >= 3
+
+    applied = dg.materialize(assets_and_checks, resources=resources, instance=instance, raise_on_error=False)
+    assert applied.success
+    [event] = applied.asset_materializations_for_node("infra__storage")
+    assert event.metadata["created"].value >= 3
+    assert kube_api.get_object("storage.k8s.io/v1", "storageclasses", "fast-ssd") is not None
+    checks = {e.check_name: e for e in applied.get_asset_check_evaluations()}
+    assert checks["drift"].passed
+    assert checks["storage_classes_present"].passed
 
 
 def test_backup_of_an_unreachable_datastore_fails_clearly_and_commits_nothing(no_cluster_or_aws, monkeypatch):

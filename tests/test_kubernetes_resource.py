@@ -221,3 +221,9 @@ def test_list_in_a_missing_namespace_is_a_clear_error(kube, kube_api):
     kube_api.fail_next("GET", r"/namespaces/nowhere/configmaps", 404, message='namespaces "nowhere" not found')
     with pytest.raises(KubernetesError, match="listing ConfigMap .* in namespace nowhere .*404"):
         kube.list("v1", "ConfigMap", "nowhere")
+
+
+def test_apply_into_a_missing_namespace_is_a_clear_error(kube):
+    manifest = {**CONFIGMAP, "metadata": {**CONFIGMAP["metadata"], "namespace": "nowhere"}}
+    with pytest.raises(KubernetesError, match="apply ConfigMap nowhere/ops-settings .*404 .*namespace"):
+        kube.apply(manifest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from ops_platform import layer_checks
+from ops_platform.errors import ServerUnreachableError
+from ops_platform.local_servers import free_port
 from ops_platform.layers import LayerError, apply_layer, detect_drift
 from ops_platform.manifests import REPO_ROOT, load_layer_manifests
 from ops_platform.resources.kubernetes import KubernetesClient, KubernetesError, KubernetesResource
@@ -101,7 +104,8 @@ def test_apply_creates_then_is_unchanged_then_changed(kube, kube_api, deployment
     assert all(o.ready for o in first.objects), first.not_ready
     assert first.totals() == {"created": 5, "changed": 0, "unchanged": 0, "not_ready": 0}
     assert kube_api.get_object("example.com/v1", "widgets", "gear", "shop")["spec"] == {"teeth": 12}
-    managers = {e["manager"] for e in kube_api.get_object("v1", "configmaps", "settings", "shop")["metadata"]["managedFields"]}
+    stored = kube_api.get_object("v1", "configmaps", "settings", "shop")
+    managers = {entry["manager"] for entry in stored["metadata"]["managedFields"]}
     assert managers == {"ops-platform"}
 
     again = apply_layer(kube, LAYER, plan=False, wait_timeout=2)
@@ -195,7 +199,8 @@ def test_ops_platform_takes_ownership_and_unforced_apply_reports_the_conflict(ku
     assert owners == {"ops-platform"}
 
     other.apply(with_data("loose"))
-    with pytest.raises(KubernetesError, match=r'(?s)apply ConfigMap shop/settings .*409 Conflict.*conflict with "helm": .data.mode'):
+    conflict = r'(?s)apply ConfigMap shop/settings .*409 Conflict.*conflict with "helm": .data.mode'
+    with pytest.raises(KubernetesError, match=conflict):
         kube.apply(CONFIGMAP, force=False)
 
 
@@ -206,6 +211,29 @@ def test_missing_crd_is_a_clear_error_and_nothing_is_applied(kube, kube_api):
                                              r"\(needed by Widget shop/gear\)"):
             apply_layer(kube, [NAMESPACE, CONFIGMAP, WIDGET], plan=plan, wait_timeout=1)
     assert kube_api.get_object("v1", "namespaces", "shop") is None
+
+
+def test_api_server_failure_mid_layer_names_the_object(kube, kube_api):
+    kube_api.fail_next("PATCH", r"/configmaps/settings", 500, message="etcdserver: request timed out")
+    with pytest.raises(KubernetesError, match=r"apply ConfigMap shop/settings .*500.*etcdserver: request timed out"):
+        apply_layer(kube, [NAMESPACE, CONFIGMAP, DEPLOYMENT], plan=False, wait_timeout=1)
+    assert kube_api.get_object("apps/v1", "deployments", "web", "shop") is None
+
+
+def test_api_server_down_names_host_and_setting(tmp_path):
+    port = free_port()
+    config = tmp_path / "kubeconfig"
+    config.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "down",
+        "clusters": [{"name": "down", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "down", "user": {"token": "t"}}],
+        "contexts": [{"name": "down", "context": {"cluster": "down", "user": "down"}}],
+    }))
+    kube = KubernetesResource(kubeconfig=str(config), request_timeout=2).get_client()
+    with pytest.raises(ServerUnreachableError, match=rf"127.0.0.1:{port}.*KUBECONFIG"):
+        apply_layer(kube, [NAMESPACE], plan=True, wait_timeout=1)
+    with pytest.raises(ServerUnreachableError):
+        detect_drift(kube, [NAMESPACE])
 
 
 def test_drift_in_sync_then_drifted_then_missing(kube, kube_api):
@@ -252,7 +280,8 @@ def test_real_storage_layer_plan_then_apply(kube, kube_api):
     objects = load_layer_manifests("infra/layers/storage")
     planned = apply_layer(kube, objects, plan=True, wait_timeout=1)
     assert planned.totals() == {"created": 4, "changed": 0, "unchanged": 0, "not_ready": 0}
-    assert not failed_check(layer_checks.storage_classes_present, kube) is False
+    assert kube_api.get_object("storage.k8s.io/v1", "storageclasses", "fast-ssd") is None
+    assert failed_check(layer_checks.storage_classes_present, kube)
 
     applied = apply_layer(kube, objects, plan=False, wait_timeout=1)
     assert applied.totals() == {"created": 4, "changed": 0, "unchanged": 0, "not_ready": 0}

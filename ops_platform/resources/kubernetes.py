@@ -196,19 +196,25 @@ class KubernetesClient:
         if not resource.namespaced:
             namespace = None
         before = self.get(api_version, kind, name, namespace)
-        applied = self._call(
-            f"apply {describe(api_version, kind, name, namespace)}",
-            lambda: self.dynamic.server_side_apply(
-                resource,
-                body=manifest,
-                name=name,
-                namespace=namespace,
-                field_manager=self.field_manager,
-                force_conflicts=force,
-                dry_run="All" if dry_run else None,
-                _request_timeout=self.request_timeout,
-            ),
-        ).to_dict()
+        try:
+            applied = self._call(
+                f"apply {describe(api_version, kind, name, namespace)}",
+                lambda: self.dynamic.server_side_apply(
+                    resource,
+                    body=manifest,
+                    name=name,
+                    namespace=namespace,
+                    field_manager=self.field_manager,
+                    force_conflicts=force,
+                    dry_run="All" if dry_run else None,
+                    _request_timeout=self.request_timeout,
+                ),
+            ).to_dict()
+        except _NotFound:
+            raise KubernetesError(
+                f"kubernetes: apply {describe(api_version, kind, name, namespace)} answered 404 "
+                "(does its namespace exist?)"
+            ) from None
         if before is None:
             action: Literal["created", "changed", "unchanged"] = "created"
         elif _comparable(before) == _comparable(applied):
