@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -360,15 +361,23 @@ class PostgresDumpDriver:
             ).fetchone()
             assert row is not None
             snapshot, snapshot_time, server_version, server_version_num = row
-            try:
-                counts = count_rows(session)
-            except psycopg.Error as error:
-                raise BackupError(
-                    f"backup of '{datastore.name}' failed: counting rows on {endpoint.address}/{conn.database} "
-                    f"failed: {error} (check that {conn.user} may read every table)"
-                ) from None
-            # The exporting transaction stays open until pg_dump is done with the snapshot.
-            stored = self._dump(job, endpoint, snapshot)
+            # Rows are counted in the exporting transaction while pg_dump streams the same
+            # snapshot, so counting costs no time of the backup; the transaction stays open
+            # until pg_dump is done with the snapshot.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-rows") as pool:
+                counting = pool.submit(count_rows, session)
+                try:
+                    stored = self._dump(job, endpoint, snapshot)
+                except BaseException:
+                    session.cancel_safe(timeout=5)  # stop counting: the backup has failed anyway
+                    raise
+                try:
+                    counts = counting.result()
+                except psycopg.Error as error:
+                    raise BackupError(
+                        f"backup of '{datastore.name}' failed: counting rows on {endpoint.address}/"
+                        f"{conn.database} failed: {error} (check that {conn.user} may read every table)"
+                    ) from None
             session.rollback()
         return BackupOutcome(
             artifacts=(Artifact.from_stored(ARTIFACT_NAME, stored),),
