@@ -29,6 +29,7 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
         assets=build_assets(spec),
         asset_checks=[
             *infra.build_layer_checks(spec),
+            *releases.build_release_checks(spec),
             *backups.build_backup_checks(spec),
             *backups.build_restore_test_checks(spec),
             *certificates.build_certificate_checks(spec),

@@ -17,6 +17,7 @@ the role may still be short of those, never wider than this derivation.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -71,6 +72,7 @@ def plural_of(group: str, kind: str) -> str:
     return lower + "s"
 
 
+@functools.cache
 def _crd_plurals() -> dict[tuple[str, str], str]:
     plurals = {}
     for file in CRD_SCHEMA_DIR.rglob("*.yaml"):
@@ -117,11 +119,12 @@ def _literal_manifests(tree: ast.Module, constants: dict[str, str]) -> set[tuple
 
 def calls_in_code() -> set[Call]:
     calls: set[Call] = set()
-    for file in sorted(PACKAGE.rglob("*.py")):
-        if file.name == "kubernetes.py" and file.parent.name == "resources":
-            continue
-        tree = ast.parse(file.read_text())
-        constants = _constants(tree)
+    files = [f for f in sorted(PACKAGE.rglob("*.py")) if not (f.name == "kubernetes.py" and f.parent.name == "resources")]
+    trees = {file: ast.parse(file.read_text()) for file in files}
+    # Constants imported from another module of the package resolve by name.
+    package_constants = {name: value for tree in trees.values() for name, value in _constants(tree).items()}
+    for file, tree in trees.items():
+        constants = {**package_constants, **_constants(tree)}
         applies = False
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
@@ -160,8 +163,9 @@ def calls_of_applied_data() -> set[Call]:
     return calls
 
 
-def derived_calls() -> set[Call]:
-    return calls_in_code() | calls_of_applied_data()
+@functools.cache
+def derived_calls() -> frozenset[Call]:
+    return frozenset(calls_in_code() | calls_of_applied_data())
 
 
 def cluster_role_rules(calls: set[Call]) -> list[dict[str, Any]]:
@@ -194,11 +198,11 @@ def rbac() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def derived() -> set[Call]:
+def derived() -> frozenset[Call]:
     return derived_calls()
 
 
-def test_derivation_finds_the_calls_of_each_domain(derived: set[Call]) -> None:
+def test_derivation_finds_the_calls_of_each_domain(derived: frozenset[Call]) -> None:
     code = calls_in_code()
     assert ("apps", "deployments", "watch") in code  # releases: wait for the rollout
     assert ("apps", "replicasets", "list") in code  # releases: the previous ReplicaSet
@@ -207,15 +211,16 @@ def test_derivation_finds_the_calls_of_each_domain(derived: set[Call]) -> None:
     assert ("velero.io", "backups", "create") in code
     assert ("snapshot.storage.k8s.io", "volumesnapshots", "delete") in code
     assert ("", "nodes", "list") in code  # layer checks
-    assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") in derived
+    assert ("apiextensions.k8s.io", "customresourcedefinitions", "watch") in code  # layers: CRD Established
+    assert ("rbac.authorization.k8s.io", "clusterroles", "escalate") in derived  # the rbac layer
 
 
-def test_cluster_role_allows_every_derived_call(rbac: dict[str, dict[str, Any]], derived: set[Call]) -> None:
+def test_cluster_role_allows_every_derived_call(rbac: dict[str, dict[str, Any]], derived: frozenset[Call]) -> None:
     missing = derived - allowed_calls(rbac["ClusterRole"])
     assert not missing, f"rbac.yaml does not allow: {sorted(missing)}"
 
 
-def test_cluster_role_allows_nothing_more(rbac: dict[str, dict[str, Any]], derived: set[Call]) -> None:
+def test_cluster_role_allows_nothing_more(rbac: dict[str, dict[str, Any]], derived: frozenset[Call]) -> None:
     extra = allowed_calls(rbac["ClusterRole"]) - derived
     assert not extra, f"rbac.yaml allows calls the code does not make: {sorted(extra)}"
 
@@ -268,21 +273,23 @@ def test_helm_values_run_this_code_location(values: dict[str, Any], rbac: dict[s
 
 
 def test_concurrency_pools_match_the_assets(values: dict[str, Any]) -> None:
-    pools = _pools(values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"])
+    job = next(obj for obj in values["extraManifests"] if obj["kind"] == "Job")
+    command = " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
+    pools = {pool: int(limit) for pool, limit in re.findall(r"concurrency set ([a-z_]+) ([0-9]+)", command)}
     assert pools == {"backup_io": 2, "kube_api": 4}
     used = set(re.findall(r"pool=\"([a-z_]+)\"", "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))))
-    assert used <= set(pools), f"pools used by assets without a limit: {used - set(pools)}"
+    assert used and used <= set(pools), f"pools used by assets without a limit: {used - set(pools)}"
+    run_limits = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
+    assert {limit["value"]: limit["limit"] for limit in run_limits} == pools
     instance = yaml.safe_load((DAGSTER_DIR / "dagster.yaml").read_text())
-    assert {p["key"]: p["limit"] for p in instance["concurrency"]["pools"]["limits"]} == pools
-    assert _pools(instance["run_coordinator"]["config"]) == pools
+    instance_limits = instance["run_coordinator"]["config"]["tag_concurrency_limits"]
+    assert {limit["value"]: limit["limit"] for limit in instance_limits} == pools
 
 
-def _pools(config: dict[str, Any]) -> dict[str, int]:
-    return {
-        limit["value"]: limit["limit"]
-        for limit in config["tagConcurrencyLimits" if "tagConcurrencyLimits" in config else "tag_concurrency_limits"]
-        if limit["key"] == "dagster/concurrency_key"
-    }
+def test_objects_in_the_helm_values_are_valid(values: dict[str, Any]) -> None:
+    assert values["extraManifests"]
+    for obj in values["extraManifests"]:
+        assert validate_manifest(obj) == []
 
 
 def test_production_instance_uses_postgres_from_the_environment() -> None:
