@@ -34,14 +34,3 @@ class ServerUnreachableError(OpsPlatformError):
         super().__init__(
             f"{system}: {reason} at {address} (check {setting})"
         )
-
-
-class NotImplementedYetError(OpsPlatformError):
-    """The work behind an asset lands in a later issue; never a fake success."""
-
-    def __init__(self, domain: str, what: str, issue: str) -> None:
-        self.domain = domain
-        super().__init__(
-            f"{domain}: {what} is not implemented yet (tracked in {issue}); "
-            "nothing was changed"
-        )
