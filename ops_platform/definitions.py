@@ -7,6 +7,9 @@ import dagster as dg
 from ops_platform.assets import backups, certificates, compliance, infra, releases, snapshots
 from ops_platform.environment import build_resources, get_environment
 from ops_platform.schedules import backups as backup_schedules
+from ops_platform.sensors import alerts as alert_sensors
+from ops_platform.sensors import image_tags as image_tag_sensors
+from ops_platform.sensors import run_failures as run_failure_sensors
 from ops_platform.schedules import reports as report_schedules
 from ops_platform.spec import Spec, load_spec
 
@@ -25,6 +28,7 @@ def build_assets(spec: Spec) -> list[dg.AssetsDefinition]:
 
 def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
     backup_jobs = backup_schedules.build_backup_jobs(spec)
+    remediation_job = alert_sensors.build_remediation_job(spec)
     return dg.Definitions(
         assets=build_assets(spec),
         asset_checks=[
@@ -35,7 +39,12 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
             *certificates.build_certificate_checks(spec),
             *compliance.build_compliance_checks(spec),
         ],
-        jobs=backup_jobs,
+        jobs=[*backup_jobs, remediation_job],
+        sensors=[
+            *image_tag_sensors.build_image_tag_sensor(spec),
+            *alert_sensors.build_alert_sensor(spec, remediation_job, backup_jobs),
+            *run_failure_sensors.build_run_failure_sensor(),
+        ],
         schedules=[
             *backup_schedules.build_schedules(spec, backup_jobs),
             *report_schedules.build_report_schedules(spec),

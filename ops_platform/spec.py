@@ -350,6 +350,7 @@ class Spec(_Model):
     compliance: Compliance = Compliance()
     images: Images | None = None
     remediations: list[Remediation] = []
+    max_concurrent_remediations: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Spec:

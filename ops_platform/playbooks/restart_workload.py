@@ -1,0 +1,62 @@
+"""Rollout restart of a Deployment, as ``kubectl rollout restart`` does.
+
+Sets the pod template annotation ``kubectl.kubernetes.io/restartedAt`` to now;
+the Deployment controller then replaces every pod with a new ReplicaSet.
+"""
+
+from __future__ import annotations
+
+from ops_platform.playbooks.base import (
+    KubeName,
+    PlaybookContext,
+    PlaybookParams,
+    PlaybookRefused,
+    PlaybookResult,
+    object_name,
+)
+
+NAME = "restart_workload"
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+
+
+class RestartParams(PlaybookParams):
+    PLAYBOOK = NAME
+    namespace: KubeName
+    deployment: KubeName
+
+
+def run(ctx: PlaybookContext, params: RestartParams) -> PlaybookResult:
+    ctx.check_namespace(NAME, params.namespace)
+    kube = ctx.cluster(NAME)
+    target = object_name("Deployment", params.namespace, params.deployment)
+    live = kube.get("apps/v1", "Deployment", params.deployment, params.namespace)
+    if live is None:
+        raise PlaybookRefused(f"playbook {NAME}: {target} does not exist")
+    restarted_at = ctx.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+    patch = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": params.deployment, "namespace": params.namespace},
+        "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: restarted_at}}}},
+    }
+    applied = kube.apply(patch, dry_run=ctx.dry_run)
+    verb = "would restart" if ctx.dry_run else "restarted"
+    return PlaybookResult(
+        playbook=NAME,
+        target=target,
+        dry_run=ctx.dry_run,
+        changed=applied.action != "unchanged",
+        before=_restart_state(live),
+        after=_restart_state(applied.object),
+        summary=f"{verb} {target} (pod template annotation {RESTARTED_AT}={restarted_at})",
+    )
+
+
+def _restart_state(deployment: dict) -> dict:
+    template = deployment["spec"]["template"]
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    return {
+        "restartedAt": annotations.get(RESTARTED_AT),
+        "generation": deployment["metadata"].get("generation"),
+        "replicas": deployment["spec"].get("replicas"),
+    }

@@ -1,0 +1,57 @@
+"""`image_tag_sensor`: a new git-sha tag in `<service>-<env>` releases `apps/<service>/<env>`."""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from ops_platform.assets.keys import release_key
+from ops_platform.errors import OpsPlatformError
+from ops_platform.resources.ecr import EcrResource
+from ops_platform.sensing.image_tags import dump_cursor, load_cursor, scan_image_tags
+from ops_platform.spec import Spec
+
+
+def build_image_tag_sensor(spec: Spec) -> list[dg.SensorDefinition]:
+    if spec.images is None or not spec.images.services:
+        return []
+    services = spec.images.services
+    targets = [release_key(s.name, env) for s in services for env in s.environments]
+
+    @dg.sensor(
+        name="image_tag_sensor",
+        target=dg.AssetSelection.assets(*targets),
+        minimum_interval_seconds=60,
+        description="Releases a service to an environment when a new tag matching its tag_pattern is pushed "
+        "to ECR repository <service>-<env>; one run per repository and digest.",
+    )
+    def image_tag_sensor(context: dg.SensorEvaluationContext, ecr: EcrResource):
+        first_tick = not context.cursor
+        try:
+            cursor = load_cursor(context.cursor)
+            scan = scan_image_tags(
+                ecr.get_registry(), services, lambda service: service.environments, cursor,
+                now=datetime.now(UTC),
+            )
+        except (OpsPlatformError, ValueError) as error:
+            return dg.SkipReason(f"image tags not read: {error}")
+        for line in scan.log:
+            context.log.info(line)
+        context.update_cursor(dump_cursor(scan.cursor))
+        if first_tick:
+            # The first tick only learns where each repository stands: no flood of old releases.
+            return dg.SkipReason(f"cursor initialised at the newest image of {len(scan.cursor)} repositories")
+        newest: dict[tuple[str, str], object] = {}
+        for request in scan.requests:  # oldest first: the newest push per service and environment wins
+            newest[(request.service, request.environment)] = request
+        return [
+            dg.RunRequest(
+                run_key=request.run_key,
+                asset_selection=[release_key(request.service, request.environment)],
+                run_config={"ops": {release_key(request.service, request.environment).to_python_identifier(): {
+                    "config": {"image_tag": request.tag, "image_digest": request.digest}}}},
+                tags={"ops_platform/image_tag": request.tag, "ops_platform/repository": request.repository},
+            )
+            for request in newest.values()  # type: ignore[attr-defined]
+        ] or dg.SkipReason("no new image tags")
+
+    return [image_tag_sensor]

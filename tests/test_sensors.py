@@ -1,0 +1,201 @@
+"""The sensors and the remediation job in Dagster: ECR on moto, a real Alertmanager,
+playbooks against the fake Kubernetes API; cursors and run keys across ticks."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+from ops_platform.definitions import build_definitions
+from ops_platform.local_servers import free_port
+from ops_platform.resources.alerting import AlertmanagerResource, PostableAlert, PrometheusResource
+from ops_platform.resources.ecr import EcrResource
+from ops_platform.resources.kubernetes import KubernetesResource
+from ops_platform.spec import DEFAULT_SPEC_PATH, load_spec
+from tests.fixtures.monitoring import unique_alertname
+from tests.test_releases import DeploymentController, controller  # noqa: F401
+from tests.test_sensing import push_image
+
+SPEC = load_spec(DEFAULT_SPEC_PATH)
+
+
+def spec_with_alert(alertname: str, playbook: str = "restart_workload"):
+    namespaces = [] if playbook == "rerun_backup" else ["ontology-editor"]
+    remediation = SPEC.remediations[0].model_validate(
+        {"alert": alertname, "playbook": playbook, "cooldown_minutes": 30, "namespaces": namespaces})
+    return SPEC.model_copy(update={"remediations": [remediation]})
+
+
+def sensor(defs: dg.Definitions, name: str) -> dg.SensorDefinition:
+    return next(s for s in defs.sensors if s.name == name)
+
+
+def tick(defs, name, cursor, resources, instance=None):
+    with dg.build_sensor_context(cursor=cursor, resources=resources, instance=instance,
+                                 repository_def=defs.get_repository_def()) as context:
+        result = sensor(defs, name).evaluate_tick(context)
+    return result
+
+
+def test_image_tag_sensor_learns_then_releases_each_new_digest_once(aws_env):
+    import boto3
+
+    client = boto3.client("ecr")
+    for service in SPEC.images.services:
+        for env in service.environments:
+            client.create_repository(repositoryName=service.repository(env))
+    push_image(client, "onto-backend-dev", "0a1b2c3", "layer-1")
+    defs = build_definitions(SPEC, "local")
+    resources = {"ecr": EcrResource(region="ap-northeast-2")}
+
+    first = tick(defs, "image_tag_sensor", None, resources)
+    assert first.run_requests == [] and "cursor initialised" in first.skip_message
+    time.sleep(1.1)  # imagePushedAt has one-second resolution
+    digest = push_image(client, "onto-backend-dev", "1234abc", "layer-2")
+    push_image(client, "onto-backend-dev", "latest", "layer-3")
+    second = tick(defs, "image_tag_sensor", first.cursor, resources)
+    [request] = second.run_requests
+    assert request.run_key == f"onto-backend-dev@{digest}"
+    config = request.run_config["ops"]["apps__onto_backend__dev"]["config"]
+    assert config == {"image_tag": "1234abc", "image_digest": digest}
+    third = tick(defs, "image_tag_sensor", second.cursor, resources)
+    assert third.run_requests == []
+    assert len(third.cursor) < 64 * 1024
+
+
+def test_image_tag_sensor_without_aws_skips_with_the_setting(tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    defs = build_definitions(SPEC, "local")
+    result = tick(defs, "image_tag_sensor", None, {"ecr": EcrResource(region="ap-northeast-2")})
+    assert "AWS_ACCESS_KEY_ID" in result.skip_message
+
+
+def post(alertmanager, alertname, **labels):
+    alertmanager.post_alerts([PostableAlert(labels={"alertname": alertname, **labels},
+                                            starts_at=datetime.now(UTC) - timedelta(minutes=1))])
+
+
+def wait_listed(alertmanager, alertname):
+    """Until Alertmanager has processed the alert (a new one is 'unprocessed' for a moment)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(a.state == "active" for a in alertmanager.alerts(filters={"alertname": alertname})):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{alertname} never listed")
+
+
+def test_alert_sensor_triggers_once_per_episode(alertmanager, alertmanager_server):
+    name = unique_alertname("CrashLoop")
+    post(alertmanager, name, namespace="ontology-editor", deployment="onto-backend")
+    wait_listed(alertmanager, name)
+    defs = build_definitions(spec_with_alert(name), "local")
+    resources = {"alertmanager": AlertmanagerResource(url=alertmanager_server.url), "prometheus": PrometheusResource()}
+    instance = dg.DagsterInstance.ephemeral()
+    first = tick(defs, "alert_sensor", None, resources, instance)
+    assert len(first.run_requests) == 1, first.skip_message
+    [request] = first.run_requests
+    assert request.job_name == "remediation"
+    config = request.run_config["ops"]["run_playbook"]["config"]
+    assert config["playbook"] == "restart_workload" and config["labels"]["deployment"] == "onto-backend"
+    second = tick(defs, "alert_sensor", first.cursor, resources, instance)
+    assert second.run_requests == []
+
+
+def test_alert_sensor_reruns_a_backup_partition(alertmanager, alertmanager_server):
+    name = unique_alertname("BackupOld")
+    post(alertmanager, name, datastore="postgres_main")
+    wait_listed(alertmanager, name)
+    defs = build_definitions(spec_with_alert(name, "rerun_backup"), "local")
+    resources = {"alertmanager": AlertmanagerResource(url=alertmanager_server.url), "prometheus": PrometheusResource()}
+    result = tick(defs, "alert_sensor", None, resources, dg.DagsterInstance.ephemeral())
+    assert len(result.run_requests) == 1, result.skip_message
+    [request] = result.run_requests
+    assert request.job_name == "backup_postgres_main"
+    assert request.partition_key == datetime.now(UTC).astimezone(
+        __import__("zoneinfo").ZoneInfo("Asia/Seoul")).date().isoformat()
+
+
+def test_alert_sensor_with_alertmanager_down_skips():
+    defs = build_definitions(spec_with_alert("Anything"), "local")
+    resources = {"alertmanager": AlertmanagerResource(url=f"http://127.0.0.1:{free_port()}"),
+                 "prometheus": PrometheusResource()}
+    result = tick(defs, "alert_sensor", None, resources, dg.DagsterInstance.ephemeral())
+    assert result.run_requests == [] and "ALERTMANAGER_URL" in result.skip_message
+
+
+def test_remediation_job_restarts_and_silences_meanwhile(controller, kubeconfig_path, kube_api, alertmanager,  # noqa: F811
+                                                         alertmanager_server):
+    kube_api.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ontology-editor"}})
+    kube_api.put_object({"apiVersion": "apps/v1", "kind": "Deployment",
+                         "metadata": {"name": "onto-backend", "namespace": "ontology-editor"},
+                         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "b"}},
+                                  "template": {"metadata": {"labels": {"app": "b"}},
+                                               "spec": {"containers": [{"name": "b", "image": "b:1"}]}}}})
+    name = unique_alertname("CrashLoop")
+    defs = build_definitions(spec_with_alert(name), "local")
+    job = defs.resolve_job_def("remediation")
+    result = job.execute_in_process(
+        run_config={"ops": {"run_playbook": {"config": {
+            "playbook": "restart_workload", "alertname": name, "run_key": "fp:1",
+            "labels": {"alertname": name, "namespace": "ontology-editor", "deployment": "onto-backend"}}}}},
+        resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"),
+                   "alertmanager": AlertmanagerResource(url=alertmanager_server.url)},
+        raise_on_error=False,
+    )
+    assert result.success
+    output = next(e for e in result.all_events if e.event_type_value == "STEP_OUTPUT")
+    metadata = output.event_specific_data.metadata
+    assert metadata["changed"].value is True
+    deployment = kube_api.get_object("apps/v1", "deployments", "onto-backend", "ontology-editor")
+    assert "kubectl.kubernetes.io/restartedAt" in deployment["spec"]["template"]["metadata"]["annotations"]
+    silences = [s for s in alertmanager.silences() if any(m.value == name for m in s.matchers)]
+    assert silences and all(s.state == "expired" for s in silences)
+
+
+def test_remediation_outside_the_allow_list_is_refused(kubeconfig_path, kube_api, alertmanager_server):
+    defs = build_definitions(spec_with_alert("X"), "local")
+    result = defs.resolve_job_def("remediation").execute_in_process(
+        run_config={"ops": {"run_playbook": {"config": {
+            "playbook": "restart_workload", "alertname": "X", "run_key": "fp:2",
+            "labels": {"namespace": "kube-system", "deployment": "coredns"}}}}},
+        resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"),
+                   "alertmanager": AlertmanagerResource()},
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert not [r for r in kube_api.requests if r.method in ("PATCH", "POST", "PUT", "DELETE")]
+
+
+def test_run_failure_sensor_posts_the_failed_run(alertmanager, alertmanager_server):
+    @dg.op
+    def breaks() -> None:
+        raise RuntimeError("disk full")
+
+    @dg.job(name="backup_broken")
+    def broken() -> None:
+        breaks()
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = broken.execute_in_process(instance=instance, raise_on_error=False)
+    failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
+    defs = build_definitions(SPEC, "local")
+    context = dg.build_run_status_sensor_context(
+        sensor_name="run_failure_sensor", dagster_event=failure, dagster_instance=instance,
+        dagster_run=result.dagster_run, resources={"alertmanager": AlertmanagerResource(url=alertmanager_server.url)},
+    ).for_run_failure()
+    sensor(defs, "run_failure_sensor")(context)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        posted = [a for a in alertmanager.alerts(filters={"alertname": "OpsRunFailed"})
+                  if a.labels.get("job") == "backup_broken"]
+        if posted:
+            break
+        time.sleep(0.1)
+    assert posted and posted[0].labels["severity"] == "critical"
