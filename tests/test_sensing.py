@@ -85,21 +85,34 @@ def ecr_client(aws_env: Any) -> Any:
     return boto3.client("ecr")
 
 
-def test_three_ticks_release_every_matching_tag_once_even_within_one_second(ecr_client: Any) -> None:
+def _same_second_scenario(ecr_client: Any, registry: EcrRegistry) -> tuple[list[str], Any, str, dict] | None:
+    """Pushes, a first tick, and a late push in the same second as the first pushes; None if the
+    machine was too slow to keep them in one second (the caller tries again on a clean registry)."""
     for repository in ("onto-backend-dev", "onto-frontend-dev"):  # onto-backend-prod is missing
         ecr_client.create_repository(repositoryName=repository)
-    registry = EcrRegistry(ecr_client)
     push_image(ecr_client, "onto-frontend-dev", "v1.2.3", "front-1")
     push_image(ecr_client, "onto-frontend-dev", "abcdef0", "front-sha")  # not the frontend's pattern
     push_image(ecr_client, "onto-backend-dev", "latest", "back-latest")
     push_image(ecr_client, "onto-backend-dev", "feature-x", "back-feature")
     at_start_of_a_second()
     first = [push_image(ecr_client, "onto-backend-dev", f"{n:07x}", f"back-{n}") for n in range(3)]
-
     tick1 = scan_image_tags(registry, [BACKEND, FRONTEND], environments, None, now=datetime.now(UTC))
     late = push_image(ecr_client, "onto-backend-dev", "0000003", "back-3")  # same second as `first`
     pushed_at = {i.digest: i.pushed_at for i in registry.list_images("onto-backend-dev")}
-    assert pushed_at[late] == pushed_at[first[0]], "the late push left the second; the machine is too slow"
+    if pushed_at[late] != pushed_at[first[0]]:
+        return None
+    return first, tick1, late, pushed_at
+
+
+def test_three_ticks_release_every_matching_tag_once_even_within_one_second(aws_env: Any, ecr_client: Any) -> None:
+    registry = EcrRegistry(ecr_client)
+    for _ in range(5):
+        scenario = _same_second_scenario(ecr_client, registry)
+        if scenario is not None:
+            break
+        aws_env.reset()
+    assert scenario is not None, "five tries and the late push never shared the first pushes' second"
+    first, tick1, late, pushed_at = scenario
     cursor = load_cursor(dump_cursor(tick1.cursor))
     tick2 = scan_image_tags(registry, [BACKEND, FRONTEND], environments, cursor, now=datetime.now(UTC))
     tick3 = scan_image_tags(registry, [BACKEND, FRONTEND], environments, tick2.cursor, now=datetime.now(UTC))
