@@ -28,7 +28,7 @@ def build_assets(spec: Spec) -> list[dg.AssetsDefinition]:
 
 def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
     backup_jobs = backup_schedules.build_backup_jobs(spec)
-    remediation_job = alert_sensors.build_remediation_job(spec)
+    playbook_jobs = alert_sensors.build_playbook_jobs(spec)
     return dg.Definitions(
         assets=build_assets(spec),
         asset_checks=[
@@ -39,10 +39,10 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
             *certificates.build_certificate_checks(spec),
             *compliance.build_compliance_checks(spec),
         ],
-        jobs=[*backup_jobs, remediation_job],
+        jobs=[*backup_jobs, *playbook_jobs],
         sensors=[
             *image_tag_sensors.build_image_tag_sensor(spec),
-            *alert_sensors.build_alert_sensor(spec, remediation_job, backup_jobs),
+            *alert_sensors.build_alert_sensor(spec, playbook_jobs, backup_jobs),
             *run_failure_sensors.build_run_failure_sensor(),
         ],
         schedules=[

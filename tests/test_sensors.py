@@ -101,9 +101,9 @@ def test_alert_sensor_triggers_once_per_episode(alertmanager, alertmanager_serve
     first = tick(defs, "alert_sensor", None, resources, instance)
     assert len(first.run_requests) == 1, first.skip_message
     [request] = first.run_requests
-    assert request.job_name == "remediation"
+    assert request.job_name == "playbook_restart_workload"
     config = request.run_config["ops"]["run_playbook"]["config"]
-    assert config["playbook"] == "restart_workload" and config["labels"]["deployment"] == "onto-backend"
+    assert config["labels"]["deployment"] == "onto-backend"
     second = tick(defs, "alert_sensor", first.cursor, resources, instance)
     assert second.run_requests == []
 
@@ -120,6 +120,12 @@ def test_alert_sensor_reruns_a_backup_partition(alertmanager, alertmanager_serve
     assert request.job_name == "backup_postgres_main"
     assert request.partition_key == datetime.now(UTC).astimezone(
         __import__("zoneinfo").ZoneInfo("Asia/Seoul")).date().isoformat()
+
+
+def test_every_mapped_playbook_has_its_job():
+    defs = build_definitions(SPEC, "local")
+    for playbook in {r.playbook for r in SPEC.remediations} - {"rerun_backup"}:
+        assert defs.resolve_job_def(f"playbook_{playbook}") is not None
 
 
 def test_alert_sensor_with_alertmanager_down_skips():
@@ -140,10 +146,10 @@ def test_remediation_job_restarts_and_silences_meanwhile(controller, kubeconfig_
                                                "spec": {"containers": [{"name": "b", "image": "b:1"}]}}}})
     name = unique_alertname("CrashLoop")
     defs = build_definitions(spec_with_alert(name), "local")
-    job = defs.resolve_job_def("remediation")
+    job = defs.resolve_job_def("playbook_restart_workload")
     result = job.execute_in_process(
         run_config={"ops": {"run_playbook": {"config": {
-            "playbook": "restart_workload", "alertname": name, "run_key": "fp:1",
+            "alertname": name, "run_key": "fp:1",
             "labels": {"alertname": name, "namespace": "ontology-editor", "deployment": "onto-backend"}}}}},
         resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"),
                    "alertmanager": AlertmanagerResource(url=alertmanager_server.url)},
@@ -161,9 +167,9 @@ def test_remediation_job_restarts_and_silences_meanwhile(controller, kubeconfig_
 
 def test_remediation_outside_the_allow_list_is_refused(kubeconfig_path, kube_api, alertmanager_server):
     defs = build_definitions(spec_with_alert("X"), "local")
-    result = defs.resolve_job_def("remediation").execute_in_process(
+    result = defs.resolve_job_def("playbook_restart_workload").execute_in_process(
         run_config={"ops": {"run_playbook": {"config": {
-            "playbook": "restart_workload", "alertname": "X", "run_key": "fp:2",
+            "alertname": "X", "run_key": "fp:2",
             "labels": {"namespace": "kube-system", "deployment": "coredns"}}}}},
         resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"),
                    "alertmanager": AlertmanagerResource()},

@@ -1,7 +1,7 @@
-"""`alert_sensor` and the remediation job it starts.
+"""`alert_sensor` and the playbook jobs it starts.
 
 A firing alert (not silenced, not inhibited) that the spec maps to a playbook
-starts `remediation` with the alert's labels; one firing episode triggers once
+starts `playbook_<name>` with the alert's labels; one firing episode triggers once
 (run key = fingerprint + startsAt), a target rests for its cooldown, and at most
 ``max_concurrent_remediations`` run at once. While a playbook runs, its alert is
 silenced in Alertmanager; the silence is expired when it ends. `rerun_backup`
@@ -29,23 +29,31 @@ from ops_platform.sensing.alerts import (
 )
 from ops_platform.spec import Spec
 
-REMEDIATION_JOB = "remediation"
+PLAYBOOK_OP = "run_playbook"
+
+
+def playbook_job_name(playbook: str) -> str:
+    return f"playbook_{playbook}"
 RUN_KEY_TAG = "ops_platform/remediation"
 SILENCE_MINUTES = 60
 
 
 class RemediationConfig(dg.Config):
-    playbook: str
     labels: dict[str, str]
     alertname: str
     run_key: str
     dry_run: bool | None = None  # unset: OPS_DRY_RUN
 
 
-def build_remediation_job(spec: Spec) -> dg.JobDefinition:
+def build_playbook_jobs(spec: Spec) -> list[dg.JobDefinition]:
+    """One job per playbook the spec maps an alert to (rerun_backup runs the backup job itself)."""
     allowed = {r.playbook: list(r.namespaces) for r in spec.remediations}
+    playbooks = sorted({r.playbook for r in spec.remediations} - {"rerun_backup"})
+    return [_playbook_job(playbook, allowed.get(playbook, [])) for playbook in playbooks]
 
-    @dg.op(name="run_playbook", description="Runs one playbook for one alert, with its alert silenced meanwhile.")
+
+def _playbook_job(playbook: str, allowed_namespaces: list[str]) -> dg.JobDefinition:
+    @dg.op(name=PLAYBOOK_OP, description=f"Runs {playbook} for one alert, with the alert silenced meanwhile.")
     def run_playbook_op(
         context: dg.OpExecutionContext,
         config: RemediationConfig,
@@ -60,12 +68,10 @@ def build_remediation_job(spec: Spec) -> dg.JobDefinition:
         silence_id = _silence(alertmanager, config, context)
         try:
             result = run_playbook(
-                config.playbook,
-                PlaybookContext(kube, dry_run=dry_run, allowed_namespaces=allowed.get(config.playbook, [])),
-                config.labels,
+                playbook, PlaybookContext(kube, dry_run=dry_run, allowed_namespaces=allowed_namespaces), config.labels
             )
         except OpsPlatformError as error:
-            raise dg.Failure(f"playbook {config.playbook} for {config.alertname}: {error}",
+            raise dg.Failure(f"playbook {playbook} for {config.alertname}: {error}",
                              metadata={"labels": dg.MetadataValue.json(config.labels)}) from None
         finally:
             if silence_id:
@@ -79,11 +85,11 @@ def build_remediation_job(spec: Spec) -> dg.JobDefinition:
             "before": dg.MetadataValue.json(result.before), "after": dg.MetadataValue.json(result.after),
         })
 
-    @dg.job(name=REMEDIATION_JOB, description="Runs the playbook the spec maps to a firing alert.")
-    def remediation() -> None:
+    @dg.job(name=playbook_job_name(playbook), description=f"The {playbook} playbook, started by alert_sensor.")
+    def playbook_job() -> None:
         run_playbook_op()
 
-    return remediation
+    return playbook_job
 
 
 def _silence(alertmanager: AlertmanagerResource, config: RemediationConfig, context: dg.OpExecutionContext) -> str | None:
@@ -96,20 +102,20 @@ def _silence(alertmanager: AlertmanagerResource, config: RemediationConfig, cont
     try:
         return alertmanager.get_client().create_silence(
             matchers, duration=timedelta(minutes=SILENCE_MINUTES), created_by="ops-platform",
-            comment=f"playbook {config.playbook} running (run {context.run_id})",
+            comment=f"playbook {context.job_name} running (run {context.run_id})",
         )
     except OpsPlatformError as error:
         context.log.warning(f"could not silence {config.alertname} while the playbook runs: {error}")
         return None
 
 
-def build_alert_sensor(spec: Spec, remediation_job: dg.JobDefinition, backup_jobs: list) -> list[dg.SensorDefinition]:
+def build_alert_sensor(spec: Spec, playbook_jobs: list[dg.JobDefinition], backup_jobs: list) -> list[dg.SensorDefinition]:
     if not spec.remediations:
         return []
 
     @dg.sensor(
         name="alert_sensor",
-        jobs=[remediation_job, *backup_jobs],
+        jobs=[*playbook_jobs, *backup_jobs],
         minimum_interval_seconds=30,
         description="Starts the playbook the spec maps to each firing alert (Alertmanager; Prometheus ALERTS "
         "as a fallback).",
@@ -177,9 +183,8 @@ def _run_request(spec: Spec, request: RemediationRequest, now: datetime) -> dg.R
                              partition_key=result.after["partition"], tags=tags)
     return dg.RunRequest(
         run_key=request.run_key,
-        job_name=REMEDIATION_JOB,
-        run_config={"ops": {"run_playbook": {"config": {
-            "playbook": request.playbook, "labels": dict(request.labels), "alertname": request.alertname,
-            "run_key": request.run_key}}}},
+        job_name=playbook_job_name(request.playbook),
+        run_config={"ops": {PLAYBOOK_OP: {"config": {
+            "labels": dict(request.labels), "alertname": request.alertname, "run_key": request.run_key}}}},
         tags=tags,
     )

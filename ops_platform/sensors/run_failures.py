@@ -27,7 +27,7 @@ def build_run_failure_sensor() -> list[dg.SensorDefinition]:
         base = os.environ.get(UI_URL_SETTING, "http://127.0.0.1:3000")
         alert = failure_alert(
             run.job_name, run.run_id, assets, context.failure_event.message or "run failed",
-            severity="critical" if run.job_name.startswith(("backup_", "remediation")) else "warning",
+            severity="critical" if run.job_name.startswith(("backup_", "playbook_")) else "warning",
             url=f"{base.rstrip('/')}/runs/{run.run_id}",
             now=datetime.now(UTC),
         )
