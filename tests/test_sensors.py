@@ -102,7 +102,7 @@ def test_alert_sensor_triggers_once_per_episode(alertmanager, alertmanager_serve
     assert len(first.run_requests) == 1, first.skip_message
     [request] = first.run_requests
     assert request.job_name == "playbook_restart_workload"
-    config = request.run_config["ops"]["run_playbook"]["config"]
+    config = request.run_config["ops"]["run_restart_workload"]["config"]
     assert config["labels"]["deployment"] == "onto-backend"
     second = tick(defs, "alert_sensor", first.cursor, resources, instance)
     assert second.run_requests == []
@@ -148,7 +148,7 @@ def test_remediation_job_restarts_and_silences_meanwhile(controller, kubeconfig_
     defs = build_definitions(spec_with_alert(name), "local")
     job = defs.resolve_job_def("playbook_restart_workload")
     result = job.execute_in_process(
-        run_config={"ops": {"run_playbook": {"config": {
+        run_config={"ops": {"run_restart_workload": {"config": {
             "alertname": name, "run_key": "fp:1",
             "labels": {"alertname": name, "namespace": "ontology-editor", "deployment": "onto-backend"}}}}},
         resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"),
@@ -168,7 +168,7 @@ def test_remediation_job_restarts_and_silences_meanwhile(controller, kubeconfig_
 def test_remediation_outside_the_allow_list_is_refused(kubeconfig_path, kube_api, alertmanager_server):
     defs = build_definitions(spec_with_alert("X"), "local")
     result = defs.resolve_job_def("playbook_restart_workload").execute_in_process(
-        run_config={"ops": {"run_playbook": {"config": {
+        run_config={"ops": {"run_restart_workload": {"config": {
             "alertname": "X", "run_key": "fp:2",
             "labels": {"namespace": "kube-system", "deployment": "coredns"}}}}},
         resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"),

@@ -29,11 +29,12 @@ from ops_platform.sensing.alerts import (
 )
 from ops_platform.spec import Spec
 
-PLAYBOOK_OP = "run_playbook"
-
-
 def playbook_job_name(playbook: str) -> str:
     return f"playbook_{playbook}"
+
+
+def playbook_op_name(playbook: str) -> str:
+    return f"run_{playbook}"
 RUN_KEY_TAG = "ops_platform/remediation"
 SILENCE_MINUTES = 60
 
@@ -53,7 +54,7 @@ def build_playbook_jobs(spec: Spec) -> list[dg.JobDefinition]:
 
 
 def _playbook_job(playbook: str, allowed_namespaces: list[str]) -> dg.JobDefinition:
-    @dg.op(name=PLAYBOOK_OP, description=f"Runs {playbook} for one alert, with the alert silenced meanwhile.")
+    @dg.op(name=playbook_op_name(playbook), description=f"Runs {playbook} for one alert, with the alert silenced meanwhile.")
     def run_playbook_op(
         context: dg.OpExecutionContext,
         config: RemediationConfig,
@@ -184,7 +185,7 @@ def _run_request(spec: Spec, request: RemediationRequest, now: datetime) -> dg.R
     return dg.RunRequest(
         run_key=request.run_key,
         job_name=playbook_job_name(request.playbook),
-        run_config={"ops": {PLAYBOOK_OP: {"config": {
+        run_config={"ops": {playbook_op_name(request.playbook): {"config": {
             "labels": dict(request.labels), "alertname": request.alertname, "run_key": request.run_key}}}},
         tags=tags,
     )
