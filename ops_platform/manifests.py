@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
 import yaml
 
 from ops_platform.errors import OpsPlatformError
 from ops_platform.spec import REPO_ROOT
+
+# Validation needs jsonschema and kubernetes-validate (dev dependencies): imported where
+# a manifest is validated, so loading and applying manifests needs neither.
 
 KUBERNETES_VERSION = "1.30"
 CRD_SCHEMA_DIR = REPO_ROOT / "infra" / "crds"
@@ -253,7 +254,7 @@ class CrdSchemas:
     """The openAPIV3Schema of each custom resource kind, from CRDs kept as data."""
 
     def __init__(self, crds: Iterable[dict[str, Any]]) -> None:
-        self._validators: dict[tuple[str, str, str], jsonschema.protocols.Validator] = {}
+        self._validators: dict[tuple[str, str, str], Any] = {}
         self._scopes: dict[tuple[str, str], str] = {}
         self._sources: dict[tuple[str, str], str] = {}
         for crd in crds:
@@ -287,6 +288,8 @@ class CrdSchemas:
             properties["metadata"] = _OBJECT_META_SCHEMA
             schema.setdefault("required", [])
             schema["required"] = sorted({*schema["required"], "apiVersion", "kind", "metadata"})
+            import jsonschema
+
             self._validators[(group, version["name"], kind)] = jsonschema.Draft202012Validator(schema)
 
     def covers(self, api_version: str, kind: str) -> bool:
@@ -454,6 +457,8 @@ def _scope_problems(metadata: dict[str, Any], scope: str | None) -> list[str]:
 
 
 def _builtin_problems(obj: dict[str, Any], kubernetes_version: str) -> list[str]:
+    import kubernetes_validate
+
     try:
         kubernetes_validate.validate(obj, kubernetes_version, strict=True)
     except kubernetes_validate.ValidationError as error:

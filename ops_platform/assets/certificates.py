@@ -8,10 +8,7 @@ from functools import partial
 import dagster as dg
 
 from ops_platform.assets.snapshots import dry_run_requested
-from ops_platform.certificates.inventory import CHECKS, Inventory, build_inventory
-from ops_platform.certificates.probe import probe_endpoint
-from ops_platform.certificates.renewal import certificates_to_renew, renew
-from ops_platform.certificates.x509_info import load_trust_roots
+from ops_platform.certificates.checks import CHECKS
 from ops_platform.errors import MissingSettingError
 from ops_platform.metadata import table
 from ops_platform.resources.kubernetes import KubernetesClient, KubernetesResource
@@ -38,7 +35,11 @@ def _cluster(kubernetes: KubernetesResource, log: object) -> KubernetesClient | 
         return None
 
 
-def take_inventory(spec: Spec, kube: KubernetesClient | None) -> Inventory:
+def take_inventory(spec: Spec, kube: KubernetesClient | None):
+    # x509 and TLS code is imported when an inventory is taken, not when the code location loads.
+    from ops_platform.certificates.inventory import build_inventory
+    from ops_platform.certificates.x509_info import load_trust_roots
+
     extra = [path for path in os.environ.get(TRUST_ROOTS_SETTING, "").split(":") if path]
     return build_inventory(
         kube,
@@ -97,6 +98,9 @@ def build_certificate_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     def renewals(
         context: dg.AssetExecutionContext, config: RenewalConfig, kubernetes: KubernetesResource
     ) -> dg.MaterializeResult:
+        from ops_platform.certificates.probe import probe_endpoint
+        from ops_platform.certificates.renewal import certificates_to_renew, renew
+
         kube = kubernetes.get_client()
         dry_run = dry_run_requested(config.dry_run)
         due = certificates_to_renew(take_inventory(spec, kube))

@@ -45,21 +45,15 @@ if TYPE_CHECKING:
 CERT_MANAGER_API = "cert-manager.io/v1"
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 
-CHECK_EXPIRY = "expiry"
-CHECK_SERVED_IS_STORED = "served_is_stored"
-CHECK_SANS_COVER_HOST = "sans_cover_host"
-CHECK_CHAIN_VERIFIES = "chain_verifies"
-CHECK_KEY_POLICY = "key_policy"
-CHECK_ENDPOINT_REACHABLE = "endpoint_reachable"
-CHECK_ISSUANCE = "issuance"
-CHECKS = (
-    CHECK_EXPIRY,
-    CHECK_SERVED_IS_STORED,
-    CHECK_SANS_COVER_HOST,
+from ops_platform.certificates.checks import (  # noqa: E402  (re-exported)
     CHECK_CHAIN_VERIFIES,
-    CHECK_KEY_POLICY,
     CHECK_ENDPOINT_REACHABLE,
+    CHECK_EXPIRY,
     CHECK_ISSUANCE,
+    CHECK_KEY_POLICY,
+    CHECK_SANS_COVER_HOST,
+    CHECK_SERVED_IS_STORED,
+    CHECKS,
 )
 
 Severity = Literal["ERROR", "WARN"]

@@ -13,10 +13,12 @@ import functools
 from collections.abc import Sequence
 from datetime import datetime
 
-from ops_platform.certificates.inventory import build_inventory
-from ops_platform.certificates.probe import probe_endpoint
-from ops_platform.certificates.renewal import Probe, RenewalResult, renew
-from ops_platform.certificates.x509_info import CertificateInfo
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # x509 and TLS code is imported when the playbook runs
+    from ops_platform.certificates.renewal import Probe, RenewalResult
+    from ops_platform.certificates.x509_info import CertificateInfo
+
 from ops_platform.playbooks.base import (
     KubeName,
     PlaybookContext,
@@ -50,6 +52,10 @@ def run(
     ctx.check_namespace(NAME, params.namespace)
     kube = ctx.cluster(NAME)
     target = object_name("Certificate", params.namespace, params.name)
+    from ops_platform.certificates.inventory import build_inventory
+    from ops_platform.certificates.probe import probe_endpoint
+    from ops_platform.certificates.renewal import renew
+
     inventory = build_inventory(kube, list(endpoints), clock=ctx.clock, trust_roots=trust_roots)
     row = inventory.row(f"{params.namespace}/{params.name}", "cert-manager")
     if row is None:
