@@ -36,6 +36,13 @@ def get_environment() -> str:
     return environment
 
 
+def dry_run_requested(configured: bool | None) -> bool:
+    """A run's own ``dry_run`` config when given, else ``OPS_DRY_RUN``."""
+    if configured is not None:
+        return configured
+    return os.environ.get("OPS_DRY_RUN", "0").strip().lower() in ("1", "true", "yes")
+
+
 def setting(name: str, default: Any = None) -> Any:
     """``dg.EnvVar(name)`` when the variable is set, else ``default``.
 

@@ -45,7 +45,7 @@ def test_inventory_of_endpoints_without_a_cluster(no_cluster, tls_ca, tls_server
     assert result.success
     [event] = result.asset_materializations_for_node("certificates__inventory")
     assert event.metadata["certificates"].value == 2
-    assert "no Kubernetes" in event.metadata["notes"].value or "endpoints only" in event.metadata["notes"].value
+    assert "no Kubernetes cluster is configured" in event.metadata["notes"].value
     checks = checks_of(result)
     assert not checks["expiry"].passed
     assert checks["expiry"].severity == dg.AssetCheckSeverity.ERROR

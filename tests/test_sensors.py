@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 
@@ -118,8 +119,7 @@ def test_alert_sensor_reruns_a_backup_partition(alertmanager, alertmanager_serve
     assert len(result.run_requests) == 1, result.skip_message
     [request] = result.run_requests
     assert request.job_name == "backup_postgres_main"
-    assert request.partition_key == datetime.now(UTC).astimezone(
-        __import__("zoneinfo").ZoneInfo("Asia/Seoul")).date().isoformat()
+    assert request.partition_key == datetime.now(ZoneInfo("Asia/Seoul")).date().isoformat()
 
 
 def test_every_mapped_playbook_has_its_job():

@@ -111,12 +111,13 @@ def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinit
         kubernetes: KubernetesResource,
     ) -> dg.MaterializeResult:
         catalog = BackupCatalog(object_store.get_store(), store.name)
-        driver = build_driver(store, _services(kubernetes, object_store))
+        services = _services(kubernetes, object_store)
+        driver = build_driver(store, services)
         with tempfile.TemporaryDirectory(prefix=f"ops-backup-{store.name}-") as work_dir:
             try:
                 manifest = catalog.run_backup(
                     driver, store, context.partition_key,
-                    password=_services(kubernetes, object_store).password(store),
+                    password=services.password(store),
                     work_dir=Path(work_dir),
                 )
             except (BackupError, OpsPlatformError) as error:

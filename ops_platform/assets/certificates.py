@@ -7,8 +7,8 @@ from functools import partial
 
 import dagster as dg
 
-from ops_platform.assets.snapshots import dry_run_requested
 from ops_platform.certificates.checks import CHECKS
+from ops_platform.environment import dry_run_requested
 from ops_platform.errors import MissingSettingError
 from ops_platform.metadata import table
 from ops_platform.resources.kubernetes import KubernetesClient, KubernetesResource

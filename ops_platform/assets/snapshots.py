@@ -1,11 +1,11 @@
 """`snapshots/<volume_group>`: CSI VolumeSnapshots (and EBS snapshots) of a group of volumes."""
 
-import os
 from datetime import UTC, datetime
 
 import dagster as dg
 
 from ops_platform.assets.keys import SNAPSHOTS_GROUP, layer_key, snapshot_key
+from ops_platform.environment import dry_run_requested
 from ops_platform.metadata import table
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.resources.object_store import ObjectStoreResource, aws_client
@@ -15,12 +15,6 @@ from ops_platform.spec import Spec, VolumeGroup
 
 class SnapshotConfig(dg.Config):
     dry_run: bool | None = None  # unset: OPS_DRY_RUN
-
-
-def dry_run_requested(configured: bool | None) -> bool:
-    if configured is not None:
-        return configured
-    return os.environ.get("OPS_DRY_RUN", "0").strip().lower() in ("1", "true", "yes")
 
 
 def build_snapshot_assets(spec: Spec) -> list[dg.AssetsDefinition]:

@@ -26,24 +26,22 @@ class DriverServices:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
     def password(self, datastore: Datastore) -> str | None:
-        name = datastore.connection.password_env
-        if name is None:
-            return None
-        value = self.environ.get(name)
-        if not value:
-            raise MissingSettingError(name, f"datastore '{datastore.name}' ({datastore.engine})",
-                                      "the password named by connection.password_env in the platform spec")
-        return value
+        return self._secret(datastore.connection.password_env, f"datastore '{datastore.name}' ({datastore.engine})",
+                            "the password named by connection.password_env in the platform spec")
 
     def target_password(self, datastore: Datastore) -> str | None:
         restore_test = datastore.restore_test
         if restore_test is None or restore_test.target.password_env is None:
             return self.password(datastore)
-        value = self.environ.get(restore_test.target.password_env)
+        return self._secret(restore_test.target.password_env, f"the restore test of '{datastore.name}'",
+                            "the password named by restore_test.target.password_env")
+
+    def _secret(self, name: str | None, needed_for: str, hint: str) -> str | None:
+        if name is None:
+            return None
+        value = self.environ.get(name)
         if not value:
-            raise MissingSettingError(restore_test.target.password_env,
-                                      f"the restore test of '{datastore.name}'",
-                                      "the password named by restore_test.target.password_env")
+            raise MissingSettingError(name, needed_for, hint)
         return value
 
 

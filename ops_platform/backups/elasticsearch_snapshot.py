@@ -45,7 +45,7 @@ from ops_platform.backups.base import (
     RestoreRefused,
     Verification,
 )
-from ops_platform.backups.restore_test import resolve
+from ops_platform.backups.restore_target import same_server
 from ops_platform.errors import OpsPlatformError, ServerUnreachableError
 from ops_platform.resources.object_store import ObjectStore
 from ops_platform.spec import RestoreTest
@@ -500,9 +500,7 @@ def same_endpoint(url_a: str, url_b: str) -> bool:
     default = {"http": 80, "https": 443}
     port_a = a.port or default.get(a.scheme, 0)
     port_b = b.port or default.get(b.scheme, 0)
-    if port_a != port_b:
-        return False
-    return bool(resolve(a.hostname) & resolve(b.hostname))
+    return same_server(a.hostname or "", port_a, b.hostname or "", port_b)
 
 
 def _failures(info: dict[str, Any]) -> str:

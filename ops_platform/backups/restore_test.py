@@ -8,7 +8,6 @@ measure. Plain Python; the Dagster asset only records the result.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 from ops_platform.backups.base import BackupDriver, QueryResult, RestoreRefused, Verification
 from ops_platform.backups.catalog import BackupCatalog, backup_time_of
 from ops_platform.backups.manifest import BackupManifest
+from ops_platform.backups.restore_target import same_server
 from ops_platform.spec import Connection, Datastore
 
 
@@ -42,15 +42,6 @@ class RestoreTestResult:
         return not self.problems
 
 
-def resolve(host: str | None) -> set[str]:
-    if not host:
-        return set()
-    try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except socket.gaierror:
-        return {host.lower()}
-
-
 def target_is_source(source: Connection, target: Connection, rename_prefix: str | None = None) -> str | None:
     """Why a restore into ``target`` would write to ``source``, or None when it would not.
 
@@ -60,8 +51,8 @@ def target_is_source(source: Connection, target: Connection, rename_prefix: str 
     if source.data_dir and target.data_dir:
         if Path(source.data_dir).resolve() == Path(target.data_dir).resolve():
             return f"the target data directory {target.data_dir} is the source's"
-    if source.host and target.host and source.port == target.port:
-        if resolve(source.host) & resolve(target.host) and source.database == target.database:
+    if source.host and target.host and source.port is not None and target.port is not None:
+        if same_server(source.host, source.port, target.host, target.port) and source.database == target.database:
             where = f"{target.host}:{target.port}" + (f"/{target.database}" if target.database else "")
             return f"the target {where} is the source {source.host}:{source.port}"
     if source.url and target.url and source.url.rstrip("/") == target.url.rstrip("/"):

@@ -340,6 +340,23 @@ class Alertmanager:
         receiver: str | None = None,
     ) -> list[Alert]:
         """Alerts matching every filter, in the states asked for (active only by default)."""
+        url, body = self.alert_items(filters=filters, active=active, silenced=silenced,
+                                     inhibited=inhibited, unprocessed=unprocessed, receiver=receiver)
+        with self._http.reading(url):
+            return _parse_list(body, "alerts", Alert.from_api)
+
+    def alert_items(
+        self,
+        *,
+        filters: Mapping[str, str] | Sequence[str] | None = None,
+        active: bool = True,
+        silenced: bool = False,
+        inhibited: bool = False,
+        unprocessed: bool = False,
+        receiver: str | None = None,
+    ) -> tuple[str, Any]:
+        """The URL asked and the decoded JSON body, unparsed: for callers that skip a bad item
+        instead of refusing the whole list as :meth:`alerts` does."""
         params: dict[str, Any] = {
             "filter": label_filters(filters),
             "active": _flag(active),
@@ -349,9 +366,7 @@ class Alertmanager:
         }
         if receiver is not None:
             params["receiver"] = receiver
-        url, body = self._http.get_json("/api/v2/alerts", params)
-        with self._http.reading(url):
-            return _parse_list(body, "alerts", Alert.from_api)
+        return self._http.get_json("/api/v2/alerts", params)
 
     def post_alerts(self, alerts: Sequence[PostableAlert | Mapping[str, Any]]) -> None:
         """Send alerts; a mapping is sent as is, in the API's own shape (labels, startsAt, ...)."""

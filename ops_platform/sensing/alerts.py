@@ -312,9 +312,7 @@ def fetch_firing_alerts(alertmanager: Alertmanager) -> tuple[list[Alert], list[s
 
     Raises ServerUnreachableError when Alertmanager is down (the sensor's SkipReason).
     """
-    params = {"active": "true", "silenced": "false", "inhibited": "false", "unprocessed": "false"}
-    # Alertmanager.alerts() refuses the whole list for one bad item; here the item is skipped.
-    url, body = alertmanager._http.get_json("/api/v2/alerts", params)
+    url, body = alertmanager.alert_items(active=True, silenced=False, inhibited=False, unprocessed=False)
     return parse_alert_items(body, source=f"alertmanager at {url.split('?')[0]}")
 
 

@@ -13,9 +13,8 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 
-from ops_platform.assets.snapshots import dry_run_requested
-from ops_platform.environment import get_environment
 from ops_platform.schedules.backups import backup_job_name
+from ops_platform.environment import dry_run_requested, get_environment
 from ops_platform.errors import MissingSettingError, OpsPlatformError
 from ops_platform.playbooks import PlaybookContext, PlaybookRefused, run_playbook
 from ops_platform.resources.alerting import AlertmanagerResource, PrometheusResource
