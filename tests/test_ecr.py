@@ -25,6 +25,7 @@ from ops_platform.resources.ecr import (
     EcrRegistry,
     EcrResource,
     EcrThrottledError,
+    ImageNotFound,
     RepositoryNotFound,
 )
 
@@ -95,6 +96,37 @@ def test_lists_images_with_digest_tags_push_time_and_size(ecr_client: Any) -> No
     assert all(before < image.pushed_at <= datetime.now(timezone.utc) for image in tagged.values())
     assert [image.digest for image in registry.list_images("onto-backend", tag_status="UNTAGGED")] == [untagged]
     assert len(list(registry.list_images("onto-backend", tag_status="ANY"))) == 6
+
+
+def test_digest_listing_and_describing_by_digest_agree_with_the_full_listing(ecr_client: Any) -> None:
+    ecr_client.create_repository(repositoryName="onto-backend")
+    tagged = [push_image(ecr_client, "onto-backend", f"{n:07x}", f"layer-{n}") for n in range(150)]
+    push_image(ecr_client, "onto-backend", "latest", "layer-149")  # a second tag on one image
+    untagged = push_image(ecr_client, "onto-backend", None, "layer-untagged")
+    registry = EcrRegistry(ecr_client, MOTO_ACCOUNT)
+
+    digests = registry.list_image_digests("onto-backend")
+    described = registry.describe_images("onto-backend", tagged[::-1])  # 150 digests: two requests of <= 100
+
+    assert digests == set(tagged)
+    assert registry.list_image_digests("onto-backend", tag_status="UNTAGGED") == {untagged}
+    assert registry.list_image_digests("onto-backend", tag_status="ANY") == {*tagged, untagged}
+    full = {image.digest: image for image in registry.list_images("onto-backend")}
+    assert {image.digest: image for image in described} == full
+    assert registry.describe_images("onto-backend", []) == []
+
+
+def test_describing_a_digest_that_is_gone_raises_image_not_found(ecr_client: Any) -> None:
+    ecr_client.create_repository(repositoryName="onto-backend")
+    kept = push_image(ecr_client, "onto-backend", "0000001", "layer-1")
+    gone = push_image(ecr_client, "onto-backend", "0000002", "layer-2")
+    ecr_client.batch_delete_image(repositoryName="onto-backend", imageIds=[{"imageDigest": gone}])
+    registry = EcrRegistry(ecr_client, MOTO_ACCOUNT)
+
+    with pytest.raises(ImageNotFound, match="onto-backend"):
+        registry.describe_images("onto-backend", [kept, gone])
+    with pytest.raises(RepositoryNotFound, match="onto-backnd"):
+        registry.list_image_digests("onto-backnd")
 
 
 def test_pushed_since_keeps_the_images_pushed_at_or_after_it(ecr_client: Any) -> None:

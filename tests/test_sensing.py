@@ -35,6 +35,7 @@ from ops_platform.sensing.image_tags import (
     RepositoryMark,
     cursor_size,
     dump_cursor,
+    fingerprint,
     load_cursor,
     scan_image_tags,
 )
@@ -85,26 +86,47 @@ def ecr_client(aws_env: Any) -> Any:
     return boto3.client("ecr")
 
 
-def _same_second_scenario(ecr_client: Any, registry: EcrRegistry) -> tuple[list[str], Any, str, dict] | None:
-    """Pushes, a first tick, and a late push in the same second as the first pushes; None if the
-    machine was too slow to keep them in one second (the caller tries again on a clean registry)."""
+class EcrCalls:
+    """The ECR operations a boto3 client really sends (botocore's before-call event), with their imageIds."""
+
+    def __init__(self, client: Any) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+        client.meta.events.register("before-call.ecr.*", self._record)
+
+    def _record(self, model: Any, params: dict[str, Any], **_: Any) -> None:
+        body = params.get("body") or b"{}"
+        request = json.loads(body) if isinstance(body, (bytes, str)) and body else {}
+        self.calls.append((model.name, request.get("repositoryName", ""), len(request.get("imageIds", []))))
+
+    def take(self) -> list[tuple[str, str, int]]:
+        calls, self.calls = sorted(self.calls), []
+        return calls
+
+
+def _same_second_scenario(ecr_client: Any, registry: EcrRegistry) -> tuple[Any, list[str], str, Any, str, dict] | None:
+    """A learning tick, pushes, a tick, and a late push in the same second as the pushes before that
+    tick; None if the machine was too slow to keep them in one second (the caller tries again)."""
     for repository in ("onto-backend-dev", "onto-frontend-dev"):  # onto-backend-prod is missing
         ecr_client.create_repository(repositoryName=repository)
-    push_image(ecr_client, "onto-frontend-dev", "v1.2.3", "front-1")
+    push_image(ecr_client, "onto-frontend-dev", "v1.2.2", "front-0")  # there before the sensor
+    tick0 = scan_image_tags(registry, [BACKEND, FRONTEND], environments, None, now=datetime.now(UTC))
+    front = push_image(ecr_client, "onto-frontend-dev", "v1.2.3", "front-1")
     push_image(ecr_client, "onto-frontend-dev", "abcdef0", "front-sha")  # not the frontend's pattern
     push_image(ecr_client, "onto-backend-dev", "latest", "back-latest")
     push_image(ecr_client, "onto-backend-dev", "feature-x", "back-feature")
     at_start_of_a_second()
     first = [push_image(ecr_client, "onto-backend-dev", f"{n:07x}", f"back-{n}") for n in range(3)]
-    tick1 = scan_image_tags(registry, [BACKEND, FRONTEND], environments, None, now=datetime.now(UTC))
+    tick1 = scan_image_tags(registry, [BACKEND, FRONTEND], environments, tick0.cursor, now=datetime.now(UTC))
     late = push_image(ecr_client, "onto-backend-dev", "0000003", "back-3")  # same second as `first`
     pushed_at = {i.digest: i.pushed_at for i in registry.list_images("onto-backend-dev")}
     if pushed_at[late] != pushed_at[first[0]]:
         return None
-    return first, tick1, late, pushed_at
+    return tick0, first, front, tick1, late, pushed_at
 
 
-def test_three_ticks_release_every_matching_tag_once_even_within_one_second(aws_env: Any, ecr_client: Any) -> None:
+def test_ticks_learn_then_release_every_matching_tag_once_even_within_one_second(
+    aws_env: Any, ecr_client: Any
+) -> None:
     registry = EcrRegistry(ecr_client)
     for _ in range(5):
         scenario = _same_second_scenario(ecr_client, registry)
@@ -112,26 +134,31 @@ def test_three_ticks_release_every_matching_tag_once_even_within_one_second(aws_
             break
         aws_env.reset()
     assert scenario is not None, "five tries and the late push never shared the first pushes' second"
-    first, tick1, late, pushed_at = scenario
+    tick0, first, front, tick1, late, pushed_at = scenario
     cursor = load_cursor(dump_cursor(tick1.cursor))
     tick2 = scan_image_tags(registry, [BACKEND, FRONTEND], environments, cursor, now=datetime.now(UTC))
     tick3 = scan_image_tags(registry, [BACKEND, FRONTEND], environments, tick2.cursor, now=datetime.now(UTC))
 
+    # The first tick learns: what was there is not released; the empty and the missing repository are
+    # remembered as such, so their first images are.
+    assert tick0.requests == [] and tick0.learned == ["onto-frontend-dev"]
+    assert set(tick0.cursor) == {"onto-backend-dev", "onto-backend-prod", "onto-frontend-dev"}
+    assert "onto-backend-prod: repository does not exist in registry of the credentials' account " \
+        f"({REGION}); skipped" in tick0.log
+    assert "onto-backend-dev: no tagged image yet" in tick0.log
     # Oldest first; the frontend push may share its second with the first backend pushes.
     assert [r.pushed_at for r in tick1.requests] == sorted(r.pushed_at for r in tick1.requests)
-    assert {(r.repository, r.tag) for r in tick1.requests if r.repository == "onto-frontend-dev"} == {
-        ("onto-frontend-dev", "v1.2.3")
-    }
-    assert {(r.repository, r.tag, r.digest) for r in tick1.requests if r.repository == "onto-backend-dev"} == {
-        ("onto-backend-dev", f"{n:07x}", digest) for n, digest in enumerate(first)
+    assert {(r.repository, r.tag, r.digest) for r in tick1.requests} == {
+        ("onto-frontend-dev", "v1.2.3", front),
+        *(("onto-backend-dev", f"{n:07x}", digest) for n, digest in enumerate(first)),
     }
     assert {r.run_key for r in tick1.requests} == {f"{r.repository}@{r.digest}" for r in tick1.requests}
     assert [(r.service, r.environment, r.tag, r.digest) for r in tick2.requests] == [
         ("onto-backend", "dev", "0000003", late)
     ]
     assert tick3.requests == []
-    assert any("onto-backend-prod" in line and "does not exist" in line for line in tick1.log)
-    assert any("onto-backend-dev: 2 new image(s) without a tag matching" in line for line in tick1.log)
+    assert "onto-backend-dev: 2 new image(s) without a tag matching ^[0-9a-f]{7,40}$ (or tagged only " \
+        "'latest'); not released" in tick1.log
     mark = tick3.cursor["onto-backend-dev"]
     assert mark.pushed_at == pushed_at[late] and len(mark.digests) == 4  # only the newest second's digests
 
@@ -140,7 +167,40 @@ def test_three_ticks_release_every_matching_tag_once_even_within_one_second(aws_
     )
     assert settled.requests == []
     assert all(not mark.digests for mark in settled.cursor.values())
-    assert cursor_size(settled.cursor) < 120
+    assert cursor_size(settled.cursor) < 3 * 110  # a timestamp and a 64-character fingerprint each
+
+
+def test_an_unchanged_repository_costs_one_listing_and_a_changed_one_only_its_changed_bucket(
+    ecr_client: Any,
+) -> None:
+    ecr_client.create_repository(repositoryName="onto-backend-dev")
+    ecr_client.create_repository(repositoryName="onto-frontend-dev")
+    old = [push_image(ecr_client, "onto-backend-dev", f"{n:07x}", f"back-{n}") for n in range(64)]
+    push_image(ecr_client, "onto-frontend-dev", "v1.0.0", "front-1")
+    registry = EcrRegistry(boto3.client("ecr"))  # its own client: the pushes below are not counted
+    services = [Service(name="onto-backend", environments=["dev"]), FRONTEND]
+    calls = EcrCalls(registry.client)
+    learned = scan_image_tags(registry, services, environments, None, now=datetime.now(UTC))
+    assert calls.take() == [("DescribeImages", "onto-backend-dev", 0), ("DescribeImages", "onto-frontend-dev", 0)]
+
+    quiet = scan_image_tags(registry, services, environments, learned.cursor, now=datetime.now(UTC))
+    assert calls.take() == [("ListImages", "onto-backend-dev", 0), ("ListImages", "onto-frontend-dev", 0)]
+    new = push_image(ecr_client, "onto-backend-dev", "f00dcafe", "back-new")
+    ecr_client.batch_delete_image(repositoryName="onto-backend-dev", imageIds=[{"imageDigest": old[0]}])
+    busy = scan_image_tags(registry, services, environments, quiet.cursor, now=datetime.now(UTC))
+
+    same_buckets = {digest[7] for digest in (new, old[0])}
+    described = sum(1 for digest in old[1:] if digest[7] in same_buckets) + 1
+    assert calls.take() == [
+        ("DescribeImages", "onto-backend-dev", described),  # the new image's and the deleted image's buckets
+        ("ListImages", "onto-backend-dev", 0),
+        ("ListImages", "onto-frontend-dev", 0),
+    ]
+    assert described < 64 // 4
+    assert (learned.requests, quiet.requests) == ([], [])
+    assert [(r.tag, r.digest) for r in busy.requests] == [("f00dcafe", new)]
+    assert busy.cursor["onto-backend-dev"].fingerprint != quiet.cursor["onto-backend-dev"].fingerprint
+    assert busy.cursor["onto-frontend-dev"] == quiet.cursor["onto-frontend-dev"]
 
 
 def test_an_empty_repository_is_logged_and_a_later_push_is_released(ecr_client: Any) -> None:
@@ -151,43 +211,123 @@ def test_an_empty_repository_is_logged_and_a_later_push_is_released(ecr_client: 
     digest = push_image(ecr_client, "onto-frontend-dev", "v2.0.0", "front-2")
     later = scan_image_tags(registry, [FRONTEND], environments, empty.cursor, now=datetime.now(UTC))
 
-    assert empty.requests == [] and empty.cursor == {}
+    assert empty.requests == [] and empty.learned == []
+    assert empty.cursor["onto-frontend-dev"].pushed_at == datetime(1970, 1, 1, tzinfo=UTC)
     assert empty.log == ["onto-frontend-dev: no tagged image yet"]
     assert [(r.tag, r.digest) for r in later.requests] == [("v2.0.0", digest)]
 
 
+def test_a_cursor_without_fingerprints_is_read_once_in_full_and_releases_nothing_old(ecr_client: Any) -> None:
+    ecr_client.create_repository(repositoryName="onto-frontend-dev")
+    push_image(ecr_client, "onto-frontend-dev", "v1.0.0", "front-1")
+    registry = EcrRegistry(ecr_client)
+    learned = scan_image_tags(registry, [FRONTEND], environments, None, now=datetime.now(UTC))
+    old_format = json.dumps({repo: entry[:2] for repo, entry in json.loads(dump_cursor(learned.cursor)).items()})
+    calls = EcrCalls(registry.client)
+
+    again = scan_image_tags(registry, [FRONTEND], environments, load_cursor(old_format), now=datetime.now(UTC))
+
+    assert again.requests == []
+    assert calls.take() == [("DescribeImages", "onto-frontend-dev", 1), ("ListImages", "onto-frontend-dev", 0)]
+    assert again.cursor == learned.cursor
+
+
+STUB_PUSHED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+STUB_DIGEST = "sha256:" + "ab" * 32
+
+
+def stub_client() -> Any:
+    return boto3.client("ecr", region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def test_a_throttled_repository_keeps_its_cursor_and_the_others_proceed() -> None:
-    client = boto3.client("ecr", region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
-    pushed = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    client = stub_client()
     detail = {
         "registryId": "123456789012",
         "repositoryName": "onto-frontend-dev",
-        "imageDigest": "sha256:" + "ab" * 32,
+        "imageDigest": STUB_DIGEST,
         "imageTags": ["v1.0.0"],
-        "imagePushedAt": pushed,
+        "imagePushedAt": STUB_PUSHED,
     }
-    before = {"onto-backend-dev": RepositoryMark(pushed - timedelta(hours=1), frozenset({"0123456789abcdef"}))}
+    empty = fingerprint(())
+    before = {
+        "onto-backend-dev": RepositoryMark(STUB_PUSHED - timedelta(hours=1), frozenset({"0123456789abcdef"}), empty),
+        "onto-frontend-dev": RepositoryMark(STUB_PUSHED - timedelta(hours=1), fingerprint=empty),
+    }
     sleeps: list[float] = []
     registry = EcrRegistry(client, max_attempts=2, sleep=sleeps.append)
     backend_dev = Service(name="onto-backend", environments=["dev"])
 
     with Stubber(client) as stubber:
         for _ in range(2):
-            stubber.add_client_error("describe_images", "ThrottlingException", "Rate exceeded", 400)
-        stubber.add_response("describe_images", {"imageDetails": [detail]})
-        scan = scan_image_tags(registry, [backend_dev, FRONTEND], environments, before, now=pushed + timedelta(hours=1))
+            stubber.add_client_error("list_images", "ThrottlingException", "Rate exceeded", 400)
+        stubber.add_response("list_images", {"imageIds": [{"imageDigest": STUB_DIGEST, "imageTag": "v1.0.0"}]})
+        stubber.add_response(
+            "describe_images",
+            {"imageDetails": [detail]},
+            {"repositoryName": "onto-frontend-dev", "imageIds": [{"imageDigest": STUB_DIGEST}]},
+        )
+        scan = scan_image_tags(
+            registry, [backend_dev, FRONTEND], environments, before, now=STUB_PUSHED + timedelta(hours=1),
+            concurrency=1,
+        )
         stubber.assert_no_pending_responses()
 
     assert scan.cursor["onto-backend-dev"] == before["onto-backend-dev"]
-    assert scan.cursor["onto-frontend-dev"] == RepositoryMark(pushed)
+    assert scan.cursor["onto-frontend-dev"] == RepositoryMark(STUB_PUSHED, fingerprint=fingerprint([STUB_DIGEST]))
     assert [r.tag for r in scan.requests] == ["v1.0.0"]
     assert sleeps == [0.5]
     assert any(line.startswith("onto-backend-dev:") and "throttled" in line for line in scan.log)
 
 
+def test_an_image_deleted_while_read_and_a_refused_repository_keep_their_cursor() -> None:
+    client = stub_client()
+    empty = fingerprint(())
+    before = {
+        "onto-backend-dev": RepositoryMark(STUB_PUSHED, fingerprint=empty),
+        "onto-frontend-dev": RepositoryMark(STUB_PUSHED, fingerprint=empty),
+    }
+    with Stubber(client) as stubber:
+        stubber.add_response("list_images", {"imageIds": [{"imageDigest": STUB_DIGEST, "imageTag": "0a1b2c3"}]})
+        stubber.add_client_error("describe_images", "ImageNotFoundException", "The image requested does not exist")
+        stubber.add_client_error("list_images", "AccessDeniedException", "not authorized to perform ecr:ListImages")
+        scan = scan_image_tags(
+            EcrRegistry(client), [Service(name="onto-backend", environments=["dev"]), FRONTEND], environments,
+            before, now=STUB_PUSHED, concurrency=1,
+        )
+        stubber.assert_no_pending_responses()
+
+    assert scan.cursor == before and scan.requests == []
+    assert any(line.startswith("onto-backend-dev: changed while being read") for line in scan.log)
+    assert any(line.startswith("onto-frontend-dev: not read:") and "AccessDeniedException" in line for line in scan.log)
+
+
+def test_a_tick_starts_no_read_after_its_budget_and_reads_known_repositories_first(ecr_client: Any) -> None:
+    for repository in ("onto-backend-dev", "onto-frontend-dev"):
+        ecr_client.create_repository(repositoryName=repository)
+    push_image(ecr_client, "onto-backend-dev", "0a1b2c3", "back-1")
+    push_image(ecr_client, "onto-frontend-dev", "v1.0.0", "front-1")
+    registry = EcrRegistry(ecr_client)
+    backend_dev = Service(name="onto-backend", environments=["dev"])
+    known = scan_image_tags(registry, [FRONTEND], environments, None, now=datetime.now(UTC)).cursor
+    ticks = iter([0.0, 1.0, 16.0])  # the deadline, the first read's start, the second read's start
+    calls = EcrCalls(registry.client)
+
+    scan = scan_image_tags(registry, [backend_dev, FRONTEND], environments, known, now=datetime.now(UTC),
+                           budget_seconds=15, clock=lambda: next(ticks), concurrency=1)
+
+    assert calls.take() == [("ListImages", "onto-frontend-dev", 0)]  # known first; learning waits
+    assert scan.deferred == ["onto-backend-dev"] and "onto-backend-dev" not in scan.cursor
+    assert "1 repositories not read within 15 s (onto-backend-dev); read next tick" in scan.log
+    later = scan_image_tags(registry, [backend_dev, FRONTEND], environments, scan.cursor, now=datetime.now(UTC))
+    assert later.learned == ["onto-backend-dev"] and later.deferred == [] and later.requests == []
+
+
 def test_a_garbled_tag_cursor_is_refused_with_what_to_do() -> None:
-    with pytest.raises(ValueError, match="reset the sensor's cursor"):
-        load_cursor('{"onto-backend-dev": 5}')
+    for garbled in ('{"onto-backend-dev": 5}', '{"onto-backend-dev": [1, "", "notbase64!", 4]}',
+                    '{"onto-backend-dev": [1, "", "AAAA"]}', "[1, 2]", "{"):
+        with pytest.raises(ValueError, match="reset the sensor's cursor"):
+            load_cursor(garbled)
     assert load_cursor(None) == {} and load_cursor("") == {}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -27,6 +27,9 @@ THROTTLING_CODES = frozenset(
     {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded"}
 )
 REGISTRY_SETTING = "images.registry.account in infra/platform.yaml"
+# ECR's largest page for DescribeImages and ListImages, and its most imageIds per DescribeImages.
+MAX_PAGE_SIZE = 1000
+MAX_IMAGE_IDS = 100
 
 _T = TypeVar("_T")
 
@@ -49,6 +52,10 @@ class EcrThrottledError(EcrError):
     """ECR kept throttling a request after every retry."""
 
 
+class ImageNotFound(EcrError):
+    """An image asked for by digest is not (or no longer) in the repository."""
+
+
 @dataclass(frozen=True)
 class Repository:
     name: str
@@ -69,7 +76,8 @@ class ImageInfo:
 class EcrRegistry:
     """Repositories and images of one registry (an AWS account in a region).
 
-    Every request that ECR throttles is retried ``max_attempts`` times in all,
+    Listings ask for ``page_size`` entries a page (ECR's maximum unless told;
+    None leaves ECR's default of 100). Every request that ECR throttles is retried ``max_attempts`` times in all,
     waiting ``base_delay`` seconds, then twice as long each time up to
     ``max_delay``; ``sleep`` is the clock to wait with. Listings resume from
     the page that was throttled.
@@ -80,7 +88,7 @@ class EcrRegistry:
         client: Any,
         registry_id: str | None = None,
         *,
-        page_size: int | None = None,
+        page_size: int | None = MAX_PAGE_SIZE,
         max_attempts: int = 5,
         base_delay: float = 0.5,
         max_delay: float = 8.0,
@@ -148,6 +156,45 @@ class EcrRegistry:
                 if pushed_since is not None and image.pushed_at < pushed_since:
                     continue
                 yield image
+
+    def list_image_digests(self, repository: str, *, tag_status: str = "TAGGED") -> set[str]:
+        """Digests of the images in ``repository`` (ListImages: no push times, far less to read)."""
+        if tag_status not in TAG_STATUSES:
+            raise ValueError(f"tag_status must be one of {TAG_STATUSES}, not {tag_status!r}")
+        pages = self._pages(
+            "list_images",
+            repository,
+            repositoryName=repository,
+            filter={"tagStatus": tag_status},
+            **self._registry_param(),
+        )
+        digests: set[str] = set()
+        for page in pages:
+            for image_id in page.get("imageIds", []):
+                # ListImages gives one entry per tag; an untagged image's entry has no imageTag.
+                tagged = bool(image_id.get("imageTag"))
+                if tag_status == "ANY" or tagged == (tag_status == "TAGGED"):
+                    digests.add(image_id["imageDigest"])
+        return digests
+
+    def describe_images(self, repository: str, digests: Iterable[str]) -> list[ImageInfo]:
+        """The images of ``repository`` with these digests, asked for 100 at a time.
+
+        Raises :class:`ImageNotFound` when one of them is no longer there.
+        """
+        wanted = sorted(set(digests))
+        images: list[ImageInfo] = []
+        for start in range(0, len(wanted), MAX_IMAGE_IDS):
+            image_ids = [{"imageDigest": digest} for digest in wanted[start : start + MAX_IMAGE_IDS]]
+            response = self._retrying(
+                "describe_images",
+                repository,
+                lambda ids=image_ids: self.client.describe_images(  # type: ignore[misc]
+                    repositoryName=repository, imageIds=ids, **self._registry_param()
+                ),
+            )
+            images.extend(_image_info(repository, detail) for detail in response.get("imageDetails", []))
+        return images
 
     def repository_exists(self, name: str) -> bool:
         try:
@@ -223,6 +270,8 @@ class EcrRegistry:
             message = error.response.get("Error", {}).get("Message", "")
             if code == "RepositoryNotFoundException" and repository is not None:
                 return RepositoryNotFound(repository, self.registry)
+            if code == "ImageNotFoundException":
+                return ImageNotFound(f"ecr: {operation} in repository '{repository}': {message}")
             return EcrError(f"ecr: {operation} on registry {self.registry} failed at {endpoint}: {code}: {message}")
         return EcrError(
             f"ecr: {operation} failed: {endpoint} did not answer like ECR ({error}) (check {ENDPOINT_SETTING})"

@@ -1,29 +1,65 @@
 """New image tags in ECR, turned into release requests of ``apps/<service>/<env>``.
 
-The cursor keeps, per repository, the newest ``imagePushedAt`` seen and the
-digests seen at exactly that time: ECR's push times have a one-second
-resolution, so the next scan asks again from that second and drops the digests
-it knows. Once that second is older than ``settle_seconds``, no image can still
-arrive in it and the digests are dropped too: a repository's entry stays a
-timestamp and the digests of at most one second of pushes.
+ECR cannot list the images pushed since a time: DescribeImages returns every
+image of a repository, with its push time, and is the expensive call;
+ListImages returns digests and tags only. So the cursor keeps, per repository:
+
+- a *mark*: the newest ``imagePushedAt`` seen and the digests seen at exactly
+  that time (push times have a one-second resolution, so an image can still
+  arrive in that second). Once that second is older than ``settle_seconds``
+  the digests are dropped: the mark is a timestamp and at most one second of
+  digests;
+- a *fingerprint* of the repository's digests, in 16 buckets by the digest's
+  first hex digit (3 bytes of hash each, 64 base64 characters in all).
+
+A tick lists each repository's digests (ListImages) and compares the buckets:
+an unchanged repository costs that one listing; in a changed one only the
+changed buckets' images are described (DescribeImages by digest), and those
+the mark has not seen are new. A repository the cursor does not know yet is
+*learned*: described in full to set its mark, nothing released, so a first tick
+(or a service newly added to the spec) does not deploy what is already there.
+A repository that is missing or empty is remembered as such, and its first
+image is released.
+
+Repositories are read ``concurrency`` at a time; none is started once
+``budget_seconds`` have passed (those left keep their cursor and are read next
+tick), so a tick ends well inside Dagster's sensor timeout even while a large
+registry is being learned. Known repositories are read before new ones.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ops_platform.resources.ecr import EcrRegistry, EcrThrottledError, ImageInfo, RepositoryNotFound
+from ops_platform.resources.ecr import (
+    EcrError,
+    EcrRegistry,
+    EcrThrottledError,
+    ImageInfo,
+    ImageNotFound,
+    RepositoryNotFound,
+)
 from ops_platform.spec import Service
 
 NEVER_FOLLOWED_TAGS = frozenset({"latest"})
 SETTLE_SECONDS = 60.0
+CONCURRENCY = 8
+# Well inside Dagster's default 60 s sensor evaluation timeout.
+BUDGET_SECONDS = 15.0
 # 64 bits of a sha256 digest tell apart the images pushed within one second.
 _DIGEST_KEY_CHARS = 16
+_BUCKETS = 16
+_BUCKET_HASH_BYTES = 3
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -44,10 +80,14 @@ class ReleaseRequest:
 @dataclass(frozen=True)
 class RepositoryMark:
     """How far one repository has been read: every image pushed before ``pushed_at``,
-    and at ``pushed_at`` those whose digest key is in ``digests`` (all of them when settled)."""
+    and at ``pushed_at`` those whose digest key is in ``digests`` (all of them when settled).
+
+    ``fingerprint`` is the bucketed hash of the repository's digests when it
+    was last read ("" when unknown: every bucket is read again)."""
 
     pushed_at: datetime
     digests: frozenset[str] = frozenset()
+    fingerprint: str = ""
 
     def has_seen(self, image: ImageInfo) -> bool:
         if image.pushed_at != self.pushed_at:
@@ -60,10 +100,58 @@ class TagScan:
     requests: list[ReleaseRequest] = field(default_factory=list)
     cursor: dict[str, RepositoryMark] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    learned: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Target:
+    service: Service
+    environment: str
+    repository: str
+
+
+@dataclass
+class _Read:
+    """What reading one repository gave: its new mark (None: keep the old one), its new images."""
+
+    mark: RepositoryMark | None = None
+    images: list[ImageInfo] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    learned: bool = False
+    deferred: bool = False
 
 
 def digest_key(digest: str) -> str:
     return digest.removeprefix("sha256:")[:_DIGEST_KEY_CHARS]
+
+
+def fingerprint(digests: Iterable[str]) -> str:
+    """16 buckets of digests (by first hex digit), 3 bytes of sha256 each, as 64 base64 characters."""
+    buckets: list[list[str]] = [[] for _ in range(_BUCKETS)]
+    for digest in digests:
+        hexdigits = digest.removeprefix("sha256:")
+        buckets[int(hexdigits[0], 16) % _BUCKETS if hexdigits else 0].append(hexdigits)
+    raw = b"".join(
+        hashlib.sha256(",".join(sorted(bucket)).encode()).digest()[:_BUCKET_HASH_BYTES] for bucket in buckets
+    )
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _changed_buckets(old: str, new: str) -> set[int]:
+    if len(old) != len(new):
+        return set(range(_BUCKETS))
+    old_raw, new_raw = base64.urlsafe_b64decode(old), base64.urlsafe_b64decode(new)
+    size = _BUCKET_HASH_BYTES
+    return {
+        bucket for bucket in range(_BUCKETS)
+        if old_raw[bucket * size : (bucket + 1) * size] != new_raw[bucket * size : (bucket + 1) * size]
+    }
+
+
+def _bucket(digest: str) -> int:
+    hexdigits = digest.removeprefix("sha256:")
+    return int(hexdigits[0], 16) % _BUCKETS if hexdigits else 0
 
 
 def scan_image_tags(
@@ -74,60 +162,137 @@ def scan_image_tags(
     *,
     now: datetime,
     settle_seconds: float = SETTLE_SECONDS,
+    concurrency: int = CONCURRENCY,
+    budget_seconds: float = BUDGET_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TagScan:
     """Release requests for the images pushed since ``cursor``, oldest first, and the new cursor.
 
     ``environments_of(service)`` names the environments to watch (usually
-    ``service.environments``). A repository that is missing, empty or
-    throttled is logged and keeps its cursor entry; the others proceed.
+    ``service.environments``). A repository that is throttled, refused or
+    changing while read is logged and keeps its cursor entry; the others
+    proceed. Repositories not in ``cursor`` are learned (see the module doc).
     """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
     scan = TagScan(cursor=dict(cursor or {}))
     settled_before = now - timedelta(seconds=settle_seconds)
-    for service in services:
-        tag_pattern = re.compile(service.tag_pattern)
-        for environment in environments_of(service):
-            repository = service.repository(environment)
-            mark = scan.cursor.get(repository)
-            images = _read_new_images(registry, repository, mark, scan.log)
-            if images is None:
-                continue
-            unreleased = 0
-            for image in images:
-                tag = _release_tag(image, tag_pattern)
-                if tag is None:
-                    unreleased += 1
-                    continue
-                scan.requests.append(
-                    ReleaseRequest(service.name, environment, repository, tag, image.digest, image.pushed_at)
-                )
-            if unreleased:
-                scan.log.append(
-                    f"{repository}: {unreleased} new image(s) without a tag matching {service.tag_pattern} "
-                    "(or tagged only 'latest'); not released"
-                )
-            new_mark = _advance(mark, images, settled_before)
-            if new_mark is not None:
-                scan.cursor[repository] = new_mark
+    deadline = clock() + budget_seconds
+    targets = [
+        _Target(service, environment, service.repository(environment))
+        for service in services
+        for environment in environments_of(service)
+    ]
+    # Known repositories first: their new tags are what a tick is for; learning can wait a tick.
+    targets.sort(key=lambda target: target.repository not in scan.cursor)
+
+    def read(target: _Target) -> _Read:
+        if clock() > deadline:
+            return _Read(deferred=True)
+        return _read_repository(registry, target.repository, scan.cursor.get(target.repository), settled_before)
+
+    if concurrency == 1 or len(targets) <= 1:
+        reads = [read(target) for target in targets]
+    else:
+        with ThreadPoolExecutor(min(concurrency, len(targets)), thread_name_prefix="ecr-scan") as pool:
+            reads = list(pool.map(read, targets))
+
+    for target, result in zip(targets, reads, strict=True):
+        scan.log.extend(result.log)
+        if result.deferred:
+            scan.deferred.append(target.repository)
+            continue
+        if result.learned:
+            scan.learned.append(target.repository)
+        if result.mark is not None:
+            scan.cursor[target.repository] = result.mark
+        _add_requests(scan, target, result.images)
+    if scan.deferred:
+        scan.log.append(
+            f"{len(scan.deferred)} repositories not read within {budget_seconds:g} s "
+            f"({', '.join(scan.deferred[:5])}{', ...' if len(scan.deferred) > 5 else ''}); read next tick"
+        )
     scan.requests.sort(key=lambda request: (request.pushed_at, request.repository, request.digest))
     return scan
 
 
-def _read_new_images(
-    registry: EcrRegistry, repository: str, mark: RepositoryMark | None, log: list[str]
-) -> list[ImageInfo] | None:
-    """The images of ``repository`` not yet seen; None when it could not be read to the end."""
-    since = mark.pushed_at if mark else None
+def _add_requests(scan: TagScan, target: _Target, images: list[ImageInfo]) -> None:
+    service = target.service
+    tag_pattern = re.compile(service.tag_pattern)
+    unreleased = 0
+    for image in images:
+        tag = _release_tag(image, tag_pattern)
+        if tag is None:
+            unreleased += 1
+            continue
+        scan.requests.append(
+            ReleaseRequest(service.name, target.environment, target.repository, tag, image.digest, image.pushed_at)
+        )
+    if unreleased:
+        scan.log.append(
+            f"{target.repository}: {unreleased} new image(s) without a tag matching {service.tag_pattern} "
+            "(or tagged only 'latest'); not released"
+        )
+
+
+def _read_repository(
+    registry: EcrRegistry, repository: str, mark: RepositoryMark | None, settled_before: datetime
+) -> _Read:
+    """Read one repository against its mark; errors that concern it alone are logged, not raised."""
     try:
-        images = list(registry.list_images(repository, pushed_since=since))
+        if mark is None:
+            return _learn(registry, repository, settled_before)
+        return _read_changes(registry, repository, mark, settled_before)
     except RepositoryNotFound:
-        log.append(f"{repository}: repository does not exist in registry {registry.registry}; skipped")
-        return None
+        missing = f"{repository}: repository does not exist in registry {registry.registry}"
+        if mark is None:
+            # Remembered as empty: once it exists, its first image is released.
+            return _Read(mark=RepositoryMark(EPOCH, fingerprint=fingerprint(())), log=[f"{missing}; skipped"])
+        return _Read(mark=_settle(mark, settled_before, fingerprint(())), log=[f"{missing} (any more); skipped"])
     except EcrThrottledError as throttled:
-        log.append(f"{repository}: {throttled}; cursor kept, read again next tick")
-        return None
-    if not images and mark is None:
-        log.append(f"{repository}: no tagged image yet")
-    return [image for image in images if mark is None or not mark.has_seen(image)]
+        return _Read(log=[f"{repository}: {throttled}; cursor kept, read again next tick"])
+    except ImageNotFound as gone:
+        return _Read(log=[f"{repository}: changed while being read ({gone}); cursor kept, read again next tick"])
+    except EcrError as error:
+        return _Read(log=[f"{repository}: not read: {error}; cursor kept"])
+
+
+def _learn(registry: EcrRegistry, repository: str, settled_before: datetime) -> _Read:
+    images = list(registry.list_images(repository))
+    if not images:
+        return _Read(
+            mark=RepositoryMark(EPOCH, fingerprint=fingerprint(())), log=[f"{repository}: no tagged image yet"]
+        )
+    mark = _advance(None, images, settled_before)
+    assert mark is not None
+    return _Read(
+        mark=RepositoryMark(mark.pushed_at, mark.digests, fingerprint(image.digest for image in images)),
+        learned=True,
+        log=[f"{repository}: learned {len(images)} image(s), newest pushed {mark.pushed_at.isoformat()}; "
+             "none released, new pushes will be"],
+    )
+
+
+def _read_changes(
+    registry: EcrRegistry, repository: str, mark: RepositoryMark, settled_before: datetime
+) -> _Read:
+    digests = registry.list_image_digests(repository)
+    now_fingerprint = fingerprint(digests)
+    if mark.fingerprint == now_fingerprint:
+        return _Read(mark=_settle(mark, settled_before, now_fingerprint))
+    changed = _changed_buckets(mark.fingerprint, now_fingerprint)
+    to_describe = [digest for digest in digests if _bucket(digest) in changed]
+    described = registry.describe_images(repository, to_describe) if to_describe else []
+    new_images = [image for image in described if image.tags and not mark.has_seen(image)]
+    new_mark = _advance(mark, new_images, settled_before) or mark
+    return _Read(
+        mark=RepositoryMark(new_mark.pushed_at, new_mark.digests, now_fingerprint), images=new_images
+    )
+
+
+def _settle(mark: RepositoryMark, settled_before: datetime, now_fingerprint: str) -> RepositoryMark:
+    settled = _advance(mark, [], settled_before) or mark
+    return RepositoryMark(settled.pushed_at, settled.digests, now_fingerprint)
 
 
 def _release_tag(image: ImageInfo, tag_pattern: re.Pattern[str]) -> str | None:
@@ -155,31 +320,42 @@ def _advance(
 
 
 def dump_cursor(cursor: Mapping[str, RepositoryMark]) -> str:
-    """The sensor cursor: ``{"repo": [epoch_seconds, "digestkey,digestkey"]}`` as compact JSON."""
+    """The sensor cursor, ``{"repo": [epoch_seconds, "digestkey,digestkey", "fingerprint"]}`` as compact JSON."""
     body = {
-        repository: [_epoch(mark.pushed_at), ",".join(sorted(mark.digests))]
+        repository: [_epoch(mark.pushed_at), ",".join(sorted(mark.digests)), mark.fingerprint]
         for repository, mark in sorted(cursor.items())
     }
     return json.dumps(body, separators=(",", ":"))
 
 
 def load_cursor(raw: str | None) -> dict[str, RepositoryMark]:
-    """The cursor written by :func:`dump_cursor`; None or "" is a first tick."""
+    """The cursor written by :func:`dump_cursor`; None or "" is a first tick.
+
+    An entry without a fingerprint (written before there was one) is kept:
+    its repository's images are all described once and compared with the mark.
+    """
     if not raw:
         return {}
     try:
         body: Any = json.loads(raw)
-        return {
-            repository: RepositoryMark(
+        cursor: dict[str, RepositoryMark] = {}
+        for repository, entry in body.items():
+            pushed_at, digests, *rest = entry
+            if len(rest) > 1 or not isinstance(repository, str):
+                raise ValueError(f"entry of {repository!r} has {len(entry)} fields")
+            fingerprint_text = str(rest[0]) if rest else ""
+            if fingerprint_text and len(base64.urlsafe_b64decode(fingerprint_text)) != _BUCKETS * _BUCKET_HASH_BYTES:
+                raise ValueError(f"fingerprint of {repository!r} is not {_BUCKETS} buckets")
+            cursor[repository] = RepositoryMark(
                 datetime.fromtimestamp(float(pushed_at), tz=timezone.utc),
                 frozenset(key for key in str(digests).split(",") if key),
+                fingerprint_text,
             )
-            for repository, (pushed_at, digests) in body.items()
-        }
-    except (ValueError, TypeError, AttributeError) as exc:
+        return cursor
+    except (ValueError, TypeError, AttributeError) as exc:  # binascii.Error is a ValueError
         raise ValueError(
             f"image tag sensor cursor is unreadable ({exc}): {raw[:80]!r}; reset the sensor's cursor "
-            "to start again from the tags pushed from now on"
+            "to learn every repository again (new pushes are released from the tick after)"
         ) from None
 
 

@@ -7,7 +7,7 @@ import dagster as dg
 from ops_platform.assets.keys import release_key
 from ops_platform.errors import OpsPlatformError
 from ops_platform.resources.ecr import EcrResource
-from ops_platform.sensing.image_tags import dump_cursor, load_cursor, scan_image_tags
+from ops_platform.sensing.image_tags import ReleaseRequest, TagScan, dump_cursor, load_cursor, scan_image_tags
 from ops_platform.spec import Spec
 
 
@@ -22,10 +22,10 @@ def build_image_tag_sensor(spec: Spec) -> list[dg.SensorDefinition]:
         target=dg.AssetSelection.assets(*targets),
         minimum_interval_seconds=60,
         description="Releases a service to an environment when a new tag matching its tag_pattern is pushed "
-        "to ECR repository <service>-<env>; one run per repository and digest.",
+        "to ECR repository <service>-<env>; one run per repository and digest. A repository seen for the "
+        "first time is only learned: its current images are not released.",
     )
     def image_tag_sensor(context: dg.SensorEvaluationContext, ecr: EcrResource):
-        first_tick = not context.cursor
         try:
             cursor = load_cursor(context.cursor)
             scan = scan_image_tags(
@@ -37,10 +37,7 @@ def build_image_tag_sensor(spec: Spec) -> list[dg.SensorDefinition]:
         for line in scan.log:
             context.log.info(line)
         context.update_cursor(dump_cursor(scan.cursor))
-        if first_tick:
-            # The first tick only learns where each repository stands: no flood of old releases.
-            return dg.SkipReason(f"cursor initialised at the newest image of {len(scan.cursor)} repositories")
-        newest: dict[tuple[str, str], object] = {}
+        newest: dict[tuple[str, str], ReleaseRequest] = {}
         for request in scan.requests:  # oldest first: the newest push per service and environment wins
             newest[(request.service, request.environment)] = request
         return [
@@ -51,7 +48,17 @@ def build_image_tag_sensor(spec: Spec) -> list[dg.SensorDefinition]:
                     "config": {"image_tag": request.tag, "image_digest": request.digest}}}},
                 tags={"ops_platform/image_tag": request.tag, "ops_platform/repository": request.repository},
             )
-            for request in newest.values()  # type: ignore[attr-defined]
-        ] or dg.SkipReason("no new image tags")
+            for request in newest.values()
+        ] or dg.SkipReason(_quiet_tick(scan))
 
     return [image_tag_sensor]
+
+
+def _quiet_tick(scan: TagScan) -> str:
+    parts = ["no new image tags"]
+    if scan.learned:
+        # A repository seen for the first time only learns where it stands: no flood of old releases.
+        parts.append(f"cursor initialised at the newest image of {len(scan.learned)} repositories")
+    if scan.deferred:
+        parts.append(f"{len(scan.deferred)} repositories left for the next tick")
+    return "; ".join(parts)
