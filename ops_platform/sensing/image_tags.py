@@ -15,7 +15,8 @@ ListImages returns digests and tags only. So the cursor keeps, per repository:
 A tick lists each repository's digests (ListImages) and compares the buckets:
 an unchanged repository costs that one listing; in a changed one only the
 changed buckets' images are described (DescribeImages by digest), and those
-the mark has not seen are new. A repository the cursor does not know yet is
+the mark has not seen are new (a change that leaves a bucket's 3-byte hash as
+it was, one in 16.7 million, goes unseen). A repository the cursor does not know yet is
 *learned*: described in full to set its mark, nothing released, so a first tick
 (or a service newly added to the spec) does not deploy what is already there.
 A repository that is missing or empty is remembered as such, and its first
@@ -130,8 +131,7 @@ def fingerprint(digests: Iterable[str]) -> str:
     """16 buckets of digests (by first hex digit), 3 bytes of sha256 each, as 64 base64 characters."""
     buckets: list[list[str]] = [[] for _ in range(_BUCKETS)]
     for digest in digests:
-        hexdigits = digest.removeprefix("sha256:")
-        buckets[int(hexdigits[0], 16) % _BUCKETS if hexdigits else 0].append(hexdigits)
+        buckets[_bucket(digest)].append(digest.removeprefix("sha256:"))
     raw = b"".join(
         hashlib.sha256(",".join(sorted(bucket)).encode()).digest()[:_BUCKET_HASH_BYTES] for bucket in buckets
     )
