@@ -16,7 +16,7 @@ import dagster as dg
 
 from ops_platform.assets.keys import connection_resource_key
 from ops_platform.errors import OpsPlatformError
-from ops_platform.resources.alerting import AlertmanagerResource, PrometheusResource
+from ops_platform.resources.alerting import AlertmanagerResource, PrometheusResource, PushgatewayResource
 from ops_platform.resources.datastores import PostgresResource, RedisResource
 from ops_platform.resources.ecr import EcrResource
 from ops_platform.resources.kubernetes import KubernetesResource
@@ -70,6 +70,7 @@ def build_resources(spec: Spec, environment: str) -> dict[str, Any]:
         ),
         "prometheus": PrometheusResource(url=setting("PROMETHEUS_URL")),
         "alertmanager": AlertmanagerResource(url=setting("ALERTMANAGER_URL")),
+        "pushgateway": PushgatewayResource(url=setting("OPS_PUSHGATEWAY_URL")),
         "ecr": EcrResource(
             region=region,
             registry_id=spec.images.registry.account if spec.images else None,

@@ -11,6 +11,7 @@ declare -A binary_of=(
   [etcd-client]=etcdctl
   [prometheus]=prometheus
   [prometheus-alertmanager]=prometheus-alertmanager
+  [prometheus-pushgateway]=prometheus-pushgateway
   [stunnel4]=stunnel4
 )
 

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import requests
 
 from ops_platform.assets import backups as backup_assets
 from ops_platform.assets.keys import backup_key
+from ops_platform.backups import metrics
 from ops_platform.backups.catalog import BackupCatalog
 from ops_platform.local_servers import free_port
+from ops_platform.resources.alerting import PushgatewayResource
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.resources.object_store import LocalObjectStore, ObjectStoreResource
 from ops_platform.spec import DEFAULT_SPEC_PATH, load_spec
@@ -24,7 +27,7 @@ BASE = load_spec(DEFAULT_SPEC_PATH)
 
 
 @pytest.fixture
-def setup(redis_backup_source, tmp_path, monkeypatch):
+def setup(redis_backup_source, tmp_path, monkeypatch, pushgateway_server):
     monkeypatch.setenv("REDIS_PASSWORD", redis_backup_source.password)
     store = BASE.datastores[0].model_validate({
         "name": "redis_cache", "engine": "redis", "method": "rdb",
@@ -35,11 +38,25 @@ def setup(redis_backup_source, tmp_path, monkeypatch):
                          "verify_keys": ["ontology:schema_version", "concept:*"]},
     })
     spec = BASE.model_copy(update={"datastores": [store], "layers": [], "volumes": [], "images": None})
+    for job in (metrics.BACKUP_JOB, metrics.RESTORE_TEST_JOB):  # each test starts with no pushed results
+        requests.delete(f"{pushgateway_server.url}/metrics/job/{job}/datastore/redis_cache", timeout=5)
     resources = {
         "object_store": ObjectStoreResource(local_dir=str(tmp_path / "store")),
         "kubernetes": KubernetesResource(),
+        "pushgateway": PushgatewayResource(url=pushgateway_server.url),
     }
     return spec, resources, LocalObjectStore(tmp_path / "store")
+
+
+def pushed(resources, job: str) -> dict[str, float]:
+    """The gauges the Pushgateway holds for redis_cache in ``job``, by name."""
+    text = requests.get(f"{resources['pushgateway'].url}/metrics", timeout=5).text
+    values = {}
+    for line in text.splitlines():
+        if not line.startswith("#") and f'job="{job}"' in line and 'datastore="redis_cache"' in line:
+            name, value = line.split("{")[0], line.rsplit(" ", 1)[1]
+            values[name] = float(value)
+    return values
 
 
 def run_backup(spec, resources, partition=PARTITION):
@@ -77,7 +94,12 @@ def test_backup_records_metadata_and_passes_its_checksum_check(setup):
     assert "keys:db0" in metadata["counts"].value
     checks = check_results(result)
     assert checks["artifact_checksum"].passed
-    assert BackupCatalog(store, "redis_cache").latest().backup_id == metadata["backup_id"].value
+    latest = BackupCatalog(store, "redis_cache").latest()
+    assert latest.backup_id == metadata["backup_id"].value
+    assert metadata["metrics"].value.startswith("pushed 4 gauges to ")
+    gauges = pushed(resources, metrics.BACKUP_JOB)
+    assert gauges["ops_platform_backup_last_success_timestamp_seconds"] == latest.finished_at.timestamp()
+    assert gauges["ops_platform_backup_size_bytes"] == latest.bytes
 
 
 def test_corrupt_artifact_fails_the_check_and_the_restore_test_refuses(setup):
@@ -106,6 +128,7 @@ def test_corrupt_artifact_fails_the_check_and_the_restore_test_refuses(setup):
     assert "failed its checksum" in message and "nothing was restored or deleted" in message
     assert store.head(artifact.key) is not None
     assert catalog.latest() == manifest
+    assert pushed(resources, metrics.RESTORE_TEST_JOB)["ops_platform_restore_test_passed"] == 0
 
 
 def test_restore_test_measures_and_passes_its_checks(setup):
@@ -122,6 +145,10 @@ def test_restore_test_measures_and_passes_its_checks(setup):
     assert checks["rpo_within_objective"].passed
     assert checks["data_verified"].passed
     assert not (Path(spec.datastores[0].restore_test.target.data_dir)).exists()
+    gauges = pushed(resources, metrics.RESTORE_TEST_JOB)
+    assert gauges["ops_platform_restore_test_passed"] == 1
+    assert gauges["ops_platform_restore_test_restore_seconds"] == pytest.approx(
+        event.metadata["restore_seconds"].value, abs=0.001)
 
 
 def test_restore_test_reports_data_that_does_not_match(setup, redis_backup_source):
@@ -182,6 +209,10 @@ def test_failed_backup_keeps_the_previous_as_latest(setup, redis_backup_source):
     assert f"127.0.0.1:{spec.datastores[0].connection.port}" in failure.step_failure_data.error.message
     assert failure.step_failure_data.user_failure_data.metadata["latest_good_backup"].value == previous.backup_id
     assert BackupCatalog(store, "redis_cache").latest() == previous
+    # The alert's gauge still says when the last good backup finished; the failure has its own.
+    gauges = pushed(resources, metrics.BACKUP_JOB)
+    assert gauges["ops_platform_backup_last_success_timestamp_seconds"] == previous.finished_at.timestamp()
+    assert gauges["ops_platform_backup_last_failure_timestamp_seconds"] > previous.finished_at.timestamp()
 
 
 def test_object_store_down_fails_the_backup_clearly(setup, monkeypatch):
@@ -194,8 +225,12 @@ def test_object_store_down_fails_the_backup_clearly(setup, monkeypatch):
             max_attempts=1, connect_timeout_seconds=1,
         ),
         "kubernetes": KubernetesResource(),
+        "pushgateway": PushgatewayResource(),  # OPS_PUSHGATEWAY_URL unset: results are not pushed, nothing fails
     }
     result = run_backup(spec, resources)
     assert not result.success
     message = failure_message(result)
     assert "AWS_ENDPOINT_URL" in message
+    failure = next(event for event in result.all_events if event.is_step_failure)
+    assert failure.step_failure_data.user_failure_data.metadata["metrics"].value == \
+        "not pushed: OPS_PUSHGATEWAY_URL is not set"

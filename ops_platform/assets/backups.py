@@ -13,13 +13,16 @@ from ops_platform.assets.keys import (
     layer_key,
     restore_test_key,
 )
+from ops_platform.backups import metrics
 from ops_platform.backups.base import BackupError
 from ops_platform.backups.catalog import BackupCatalog
 from ops_platform.backups.drivers import DriverServices, build_driver, current_recovery_point
 from ops_platform.backups.manifest import BackupManifest, ManifestError
 from ops_platform.backups.restore_test import RestoreTestResult, result_rows, run_restore_test
+from ops_platform.environment import get_environment
 from ops_platform.errors import OpsPlatformError
 from ops_platform.metadata import human_bytes, table
+from ops_platform.resources.alerting import PushgatewayResource
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.resources.object_store import ObjectStoreResource
 from ops_platform.spec import ENGINE_KIND, Datastore, Spec
@@ -109,6 +112,7 @@ def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinit
         context: dg.AssetExecutionContext,
         object_store: ObjectStoreResource,
         kubernetes: KubernetesResource,
+        pushgateway: PushgatewayResource,
     ) -> dg.MaterializeResult:
         catalog = BackupCatalog(object_store.get_store(), store.name)
         services = _services(kubernetes, object_store)
@@ -121,15 +125,20 @@ def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinit
                     work_dir=Path(work_dir),
                 )
             except (BackupError, OpsPlatformError) as error:
+                pushed = _push(context, pushgateway, metrics.BACKUP_JOB, store.name, metrics.backup_failed(
+                    store.engine, store.method, get_environment(), datetime.now(UTC)))
                 raise dg.Failure(
                     f"backup of '{store.name}' failed: {error}",
-                    metadata={"latest_good_backup": _latest_backup_id(catalog)},
+                    metadata={"latest_good_backup": _latest_backup_id(catalog), "metrics": pushed},
                 ) from None
         plan = catalog.prune(store.retention)
         context.log.info(f"backup {manifest.backup_id} committed; pruned {len(plan.delete)}")
+        pushed = _push(context, pushgateway, metrics.BACKUP_JOB, store.name,
+                       metrics.backup_succeeded(manifest, get_environment()))
         return dg.MaterializeResult(
             metadata={
                 **manifest_metadata(manifest),
+                "metrics": pushed,
                 "manifest_url": dg.MetadataValue.url(
                     catalog.store.url(catalog.manifest_key(manifest.partition, manifest.backup_id))
                 ),
@@ -141,6 +150,15 @@ def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinit
         )
 
     return _backup
+
+
+def _push(
+    context: dg.AssetExecutionContext, pushgateway: PushgatewayResource, job: str, datastore: str,
+    samples: list[metrics.Sample],
+) -> str:
+    outcome = metrics.push_results(pushgateway.get_client(), job, datastore, samples)
+    (context.log.info if outcome.startswith("pushed") else context.log.warning)(f"metrics {outcome}")
+    return outcome
 
 
 def _latest_backup_id(catalog: BackupCatalog) -> str:
@@ -216,6 +234,7 @@ def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext,
         object_store: ObjectStoreResource,
         kubernetes: KubernetesResource,
+        pushgateway: PushgatewayResource,
     ) -> dg.MaterializeResult:
         services = _services(kubernetes, object_store)
         driver = build_driver(store, services)
@@ -227,8 +246,12 @@ def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
                     current_recovery_point=current_recovery_point(driver, store, services),
                 )
             except OpsPlatformError as error:  # refused, failed restore, store or manifest problem
-                raise dg.Failure(str(error)) from None
-        return dg.MaterializeResult(metadata=restore_test_metadata(result))
+                pushed = _push(context, pushgateway, metrics.RESTORE_TEST_JOB, store.name,
+                               metrics.restore_test_failed(get_environment(), datetime.now(UTC)))
+                raise dg.Failure(str(error), metadata={"metrics": pushed}) from None
+        pushed = _push(context, pushgateway, metrics.RESTORE_TEST_JOB, store.name, metrics.restore_test_finished(
+            result, get_environment(), spec.objectives.rto_minutes * 60, datetime.now(UTC)))
+        return dg.MaterializeResult(metadata={**restore_test_metadata(result), "metrics": pushed})
 
     return _restore_test
 

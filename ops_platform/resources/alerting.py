@@ -1,11 +1,13 @@
-"""Alert sources and the alert sink: Alertmanager (API v2) and Prometheus.
+"""Alert sources and sinks: Alertmanager (API v2), Prometheus and the Pushgateway.
 
 :class:`Alertmanager` lists, posts and silences alerts; :class:`Prometheus`
 runs instant PromQL queries and reads the ``ALERTS`` series, a fallback source
 of firing alerts when Alertmanager is not reachable. Both are plain Python
 taking a ``requests.Session``; :class:`AlertmanagerResource` and
 :class:`PrometheusResource` are the Dagster resources that build them from
-``ALERTMANAGER_URL`` / ``PROMETHEUS_URL``.
+``ALERTMANAGER_URL`` / ``PROMETHEUS_URL``. :class:`Pushgateway` receives the
+gauges of our own runs (backups, restore tests) that the platform's
+``BackupTooOld`` / ``RestoreTestFailed`` rules read (``OPS_PUSHGATEWAY_URL``).
 
 Every failure at the boundary is an :class:`~ops_platform.errors.OpsPlatformError`
 naming the system, the address and the setting: unreachable servers raise
@@ -38,6 +40,10 @@ if TYPE_CHECKING:
 
 ALERTMANAGER_URL_SETTING = "ALERTMANAGER_URL"
 PROMETHEUS_URL_SETTING = "PROMETHEUS_URL"
+PUSHGATEWAY_URL_SETTING = "OPS_PUSHGATEWAY_URL"
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_PLAIN_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SERVER_MESSAGE_LIMIT = 500
 T = TypeVar("T")
 
@@ -260,10 +266,15 @@ class _Endpoint:
         *,
         params: Mapping[str, Any] | None = None,
         json_body: Any = None,
+        text_body: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> requests.Response:
         url = f"{self.base_url}{path}"
         with self.reaching():
-            response = self.session.request(method, url, params=params, json=json_body, timeout=self.timeout)
+            response = self.session.request(
+                method, url, params=params, json=json_body, data=None if text_body is None else text_body.encode(),
+                headers=headers, timeout=self.timeout,
+            )
         if response.status_code >= 400:
             raise RequestRejectedError(
                 self.system, method, _redacted(url), response.status_code, _server_message(response), self.setting
@@ -499,6 +510,104 @@ def _parse_list(body: Any, what: str, parse: Callable[[object, str], T]) -> list
     if not isinstance(body, list):
         raise _Unreadable(what, f"expected a list, got {_type_name(body)}")
     return [parse(item, f"{what}[{index}]") for index, item in enumerate(body)]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One gauge sample in Prometheus' text format."""
+
+    name: str
+    value: float
+    labels: Mapping[str, str] = field(default_factory=dict)
+    help: str = ""
+
+
+def exposition(samples: Sequence[Sample]) -> str:
+    """Samples as Prometheus text exposition (version 0.0.4), each name's HELP and TYPE once."""
+    lines: list[str] = []
+    described: set[str] = set()
+    for sample in samples:
+        if not _METRIC_NAME.match(sample.name):
+            raise ValueError(f"{sample.name!r} is not a Prometheus metric name")
+        bad = [name for name in sample.labels if not _LABEL_NAME.match(name) or name.startswith("__")]
+        if bad:
+            raise ValueError(f"{sample.name}: {bad} are not Prometheus label names")
+        if sample.name not in described:
+            described.add(sample.name)
+            if sample.help:
+                lines.append(f"# HELP {sample.name} {_escape(sample.help, quotes=False)}")
+            lines.append(f"# TYPE {sample.name} gauge")
+        labels = ",".join(f'{name}="{_escape(value)}"' for name, value in sorted(sample.labels.items()))
+        value = _sample_value(sample.value)
+        lines.append(f"{sample.name}{{{labels}}} {value}" if labels else f"{sample.name} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _sample_value(value: float) -> str:
+    number = float(value)
+    if number != number:
+        return "NaN"
+    if number in (float("inf"), float("-inf")):
+        return "+Inf" if number > 0 else "-Inf"
+    return repr(number)
+
+
+def _escape(text: str, *, quotes: bool = True) -> str:
+    escaped = str(text).replace("\\", "\\\\").replace("\n", "\\n")
+    return escaped.replace('"', '\\"') if quotes else escaped
+
+
+def _group_segment(name: str, value: str) -> str:
+    """``/name/value``; values a URL path cannot carry plainly go base64url-encoded (``name@base64``)."""
+    if _PLAIN_SEGMENT.match(value):
+        return f"/{name}/{value}"
+    import base64
+
+    return f"/{name}@base64/{base64.urlsafe_b64encode(value.encode()).decode() or '='}"
+
+
+class Pushgateway:
+    """Client of the Prometheus Pushgateway: metrics of batch runs, kept until replaced."""
+
+    def __init__(self, base_url: str, *, session: requests.Session | None = None, timeout: float = 5.0) -> None:
+        self._http = _Endpoint("pushgateway", PUSHGATEWAY_URL_SETTING, base_url, session, timeout)
+
+    @property
+    def base_url(self) -> str:
+        return self._http.base_url
+
+    def push(self, job: str, grouping: Mapping[str, str], samples: Sequence[Sample]) -> str:
+        """POST ``samples`` to the group ``job`` + ``grouping``; returns the group's path.
+
+        POST replaces, in that group, only the metrics with these names: a
+        failure's timestamp never erases the last success's.
+        """
+        if not samples:
+            raise ValueError("nothing to push")
+        path = "/metrics" + _group_segment("job", job) + "".join(
+            _group_segment(name, value) for name, value in sorted(grouping.items())
+        )
+        self._http.request(
+            "POST", path, text_body=exposition(samples), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+        return path
+
+
+class PushgatewayResource(dg.ConfigurableResource):
+    """Pushgateway that Prometheus scrapes for the results of backups and restore tests."""
+
+    url: str | None = Field(
+        default=None,
+        description=(
+            "Base URL of the Pushgateway, e.g. http://ops-pushgateway.monitoring:9091 "
+            "(OPS_PUSHGATEWAY_URL). Unset: results are not pushed (logged) and the BackupTooOld / "
+            "RestoreTestFailed alerts have nothing to read."
+        ),
+    )
+    timeout_seconds: float = Field(default=5.0, description="Timeout of each HTTP request, in seconds.")
+
+    def get_client(self) -> Pushgateway | None:
+        return Pushgateway(self.url, timeout=self.timeout_seconds) if self.url else None
 
 
 class AlertmanagerResource(dg.ConfigurableResource):
