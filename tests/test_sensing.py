@@ -72,9 +72,10 @@ def push_image(client: Any, repository: str, tag: str | None, layer: str) -> str
 
 
 def at_start_of_a_second() -> None:
-    """Wait until a second has just begun, so the next few pushes share it."""
-    while datetime.now(UTC).microsecond > 100_000:
-        time.sleep(0.02)
+    """Wait until the next second begins: the next few pushes share it, and no earlier push is in it."""
+    current = int(time.time())
+    while int(time.time()) == current:
+        time.sleep(0.005)
 
 
 def environments(service: Service) -> list[str]:
