@@ -324,6 +324,22 @@ def test_a_tick_starts_no_read_after_its_budget_and_reads_known_repositories_fir
     assert later.learned == ["onto-backend-dev"] and later.deferred == [] and later.requests == []
 
 
+def test_an_unreachable_registry_fails_the_tick_without_trying_every_repository() -> None:
+    from botocore.config import Config
+
+    client = boto3.client(
+        "ecr", region_name=REGION, endpoint_url=f"http://127.0.0.1:{free_port()}", aws_access_key_id="testing",
+        aws_secret_access_key="testing", config=Config(connect_timeout=0.5, retries={"max_attempts": 1}),
+    )
+    calls = EcrCalls(client)
+    services = [Service(name=f"svc{n:02d}", environments=["dev"]) for n in range(40)]
+
+    with pytest.raises(ServerUnreachableError, match="AWS_ENDPOINT_URL"):
+        scan_image_tags(EcrRegistry(client), services, environments, None, now=datetime.now(UTC), concurrency=4)
+
+    assert 1 <= len(calls.take()) <= 8  # the reads already started (map cancels the rest), not one per repository
+
+
 def test_a_garbled_tag_cursor_is_refused_with_what_to_do() -> None:
     for garbled in ('{"onto-backend-dev": 5}', '{"onto-backend-dev": [1, "", "notbase64!", 4]}',
                     '{"onto-backend-dev": [1, "", "AAAA"]}', "[1, 2]", "{"):
