@@ -7,7 +7,6 @@ answers, not for any of our code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -42,33 +41,11 @@ from ops_platform.sensing.image_tags import (
 from ops_platform.sensing.run_failures import failure_alert
 from ops_platform.spec import Remediation, Service
 from tests.fixtures.monitoring import ALWAYS_FIRING_ALERT, unique_alertname
+from tests.test_ecr import push_image
 
 REGION = "ap-northeast-2"
 BACKEND = Service(name="onto-backend", environments=["dev", "prod"])
 FRONTEND = Service(name="onto-frontend", environments=["dev"], tag_pattern=r"^v[0-9]+\.[0-9]+\.[0-9]+$")
-
-
-def push_image(client: Any, repository: str, tag: str | None, layer: str) -> str:
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "size": 100,
-            "digest": "sha256:" + hashlib.sha256(f"config-{layer}".encode()).hexdigest(),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                "size": 1000,
-                "digest": "sha256:" + hashlib.sha256(layer.encode()).hexdigest(),
-            }
-        ],
-    }
-    arguments: dict[str, Any] = {"repositoryName": repository, "imageManifest": json.dumps(manifest)}
-    if tag is not None:
-        arguments["imageTag"] = tag
-    return client.put_image(**arguments)["image"]["imageId"]["imageDigest"]
 
 
 def at_start_of_a_second() -> None:

@@ -17,7 +17,7 @@ from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.spec import DEFAULT_SPEC_PATH, load_spec
 from tests.fixtures.monitoring import unique_alertname
 from tests.test_releases import DeploymentController, controller  # noqa: F401
-from tests.test_sensing import push_image
+from tests.test_ecr import push_image
 
 SPEC = load_spec(DEFAULT_SPEC_PATH)
 

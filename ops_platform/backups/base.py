@@ -94,6 +94,15 @@ class QueryResult:
     error: str | None = None
 
 
+def key_query(query: str, count: Callable[[], int], errors: tuple[type[Exception], ...]) -> QueryResult:
+    """A ``verify_keys`` query: it passes when ``count()`` finds at least one key; ``errors`` fail it."""
+    try:
+        found = count()
+    except errors as error:
+        return QueryResult(query, None, False, str(error))
+    return QueryResult(query, found, found > 0, None if found else "no such key")
+
+
 class Restored(Protocol):
     """A scratch target holding a restored backup, alive inside ``driver.restore(...)``."""
 

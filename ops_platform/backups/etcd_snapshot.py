@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC
+from functools import partial
 from http.client import HTTPResponse
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from ops_platform.backups.base import (
     BackupJob,
     BackupOutcome,
     QueryResult,
+    key_query,
     RestoreError,
     RestoreRefused,
     Verification,
@@ -458,19 +460,16 @@ class RestoredEtcd:
 
     def run_queries(self, queries: list[str]) -> list[QueryResult]:
         """``verify_keys``: a key must exist; ``prefix*`` needs at least one key under the prefix. Value: keys found."""
-        results = []
-        for query in queries:
-            key = query.encode()
-            try:
-                if query.endswith("*"):
-                    found, _ = self.gateway.count(key[:-1] or ALL_KEYS, prefix_end(key[:-1]) if key[:-1] else ALL_KEYS)
-                else:
-                    found, _ = self.gateway.count(key, None)
-            except EtcdError as error:
-                results.append(QueryResult(query, None, False, str(error)))
-                continue
-            results.append(QueryResult(query, found, found > 0, None if found else "no such key"))
-        return results
+        return [key_query(query, partial(self._count, query), (EtcdError,)) for query in queries]
+
+    def _count(self, query: str) -> int:
+        key = query.encode()
+        if query.endswith("*"):
+            prefix = key[:-1]
+            found, _ = self.gateway.count(prefix or ALL_KEYS, prefix_end(prefix) if prefix else ALL_KEYS)
+        else:
+            found, _ = self.gateway.count(key, None)
+        return found
 
 
 __all__ = [

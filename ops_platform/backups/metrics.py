@@ -27,7 +27,7 @@ RESTORE_TEST_JOB = "ops_platform_restore_test"
 
 
 def backup_succeeded(manifest: BackupManifest, environment: str) -> list[Sample]:
-    labels = {"engine": manifest.engine, "method": manifest.method, "environment": environment}
+    labels = _backup_labels(manifest.engine, manifest.method, environment)
     return [
         Sample("ops_platform_backup_last_success_timestamp_seconds", manifest.finished_at.timestamp(), labels,
                "When the newest committed backup finished (Unix time)."),
@@ -41,9 +41,13 @@ def backup_succeeded(manifest: BackupManifest, environment: str) -> list[Sample]
 
 
 def backup_failed(engine: str, method: str, environment: str, at: datetime) -> list[Sample]:
-    labels = {"engine": engine, "method": method, "environment": environment}
+    labels = _backup_labels(engine, method, environment)
     return [Sample("ops_platform_backup_last_failure_timestamp_seconds", at.timestamp(), labels,
                    "When the latest failed backup attempt ended (Unix time).")]
+
+
+def _backup_labels(engine: str, method: str, environment: str) -> dict[str, str]:
+    return {"engine": engine, "method": method, "environment": environment}
 
 
 def restore_test_finished(result: RestoreTestResult, environment: str, rto_seconds: float,
@@ -52,10 +56,7 @@ def restore_test_finished(result: RestoreTestResult, environment: str, rto_secon
     labels = {"environment": environment}
     passed = result.verified and result.restore_seconds <= rto_seconds
     return [
-        Sample("ops_platform_restore_test_passed", 1 if passed else 0, labels,
-               "1 when the latest restore test verified the data within the RTO, else 0."),
-        Sample("ops_platform_restore_test_last_run_timestamp_seconds", at.timestamp(), labels,
-               "When the latest restore test ended (Unix time)."),
+        *_restore_test_outcome(passed, at, labels),
         Sample("ops_platform_restore_test_restore_seconds", result.restore_seconds, labels,
                "Restore and verification time of the latest restore test."),
         Sample("ops_platform_restore_test_backup_age_seconds", result.backup_age_seconds, labels,
@@ -65,9 +66,12 @@ def restore_test_finished(result: RestoreTestResult, environment: str, rto_secon
 
 def restore_test_failed(environment: str, at: datetime) -> list[Sample]:
     """A restore test that could not run to the end (refused, restore failed): it did not pass."""
-    labels = {"environment": environment}
+    return _restore_test_outcome(False, at, {"environment": environment})
+
+
+def _restore_test_outcome(passed: bool, at: datetime, labels: dict[str, str]) -> list[Sample]:
     return [
-        Sample("ops_platform_restore_test_passed", 0, labels,
+        Sample("ops_platform_restore_test_passed", 1 if passed else 0, labels,
                "1 when the latest restore test verified the data within the RTO, else 0."),
         Sample("ops_platform_restore_test_last_run_timestamp_seconds", at.timestamp(), labels,
                "When the latest restore test ended (Unix time)."),

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -45,6 +46,7 @@ from ops_platform.backups.base import (
     BackupJob,
     BackupOutcome,
     QueryResult,
+    key_query,
     RestoreError,
     RestoreRefused,
     Verification,
@@ -515,21 +517,17 @@ class RestoredRedis:
         The value is how many keys matched.
         """
         databases = [int(name.removeprefix("keys:db")) for name in self.counts()] or [0]
-        results = []
-        for query in queries:
-            found = 0
-            try:
-                for db in databases:
-                    with self.server.client(db) as client:
-                        if _GLOB.search(query):
-                            found += sum(1 for _ in client.scan_iter(match=query, count=1000))
-                        else:
-                            found += int(client.exists(query))
-            except redis.RedisError as error:
-                results.append(QueryResult(query, None, False, str(error)))
-                continue
-            results.append(QueryResult(query, found, found > 0, None if found else "no such key"))
-        return results
+        return [key_query(query, partial(self._count, query, databases), (redis.RedisError,)) for query in queries]
+
+    def _count(self, query: str, databases: list[int]) -> int:
+        found = 0
+        for db in databases:
+            with self.server.client(db) as client:
+                if _GLOB.search(query):
+                    found += sum(1 for _ in client.scan_iter(match=query, count=1000))
+                else:
+                    found += int(client.exists(query))
+        return found
 
 __all__ = [
     "ARTIFACT_NAME",

@@ -73,6 +73,17 @@ class PlaybookContext:
         return client
 
 
+def existing(
+    kube: KubernetesClient, playbook: str, api_version: str, kind: str, name: str, namespace: str | None
+) -> tuple[str, dict[str, Any]]:
+    """The object's name for messages and the live object; refuses when it does not exist."""
+    target = object_name(kind, namespace, name)
+    live = kube.get(api_version, kind, name, namespace)
+    if live is None:
+        raise PlaybookRefused(f"playbook {playbook}: {target} does not exist")
+    return target, live
+
+
 @dataclass(frozen=True)
 class PlaybookResult:
     playbook: str

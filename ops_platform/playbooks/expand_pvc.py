@@ -19,7 +19,7 @@ from ops_platform.playbooks.base import (
     PlaybookParams,
     PlaybookRefused,
     PlaybookResult,
-    object_name,
+    existing,
 )
 
 NAME = "expand_pvc"
@@ -77,10 +77,7 @@ def run(
         raise PlaybookRefused(f"playbook {NAME}: {exc} (min_step / limit of the remediation)") from None
     ctx.check_namespace(NAME, params.namespace)
     kube = ctx.cluster(NAME)
-    target = object_name("PersistentVolumeClaim", params.namespace, params.persistentvolumeclaim)
-    pvc = kube.get("v1", "PersistentVolumeClaim", params.persistentvolumeclaim, params.namespace)
-    if pvc is None:
-        raise PlaybookRefused(f"playbook {NAME}: {target} does not exist")
+    target, pvc = existing(kube, NAME, "v1", "PersistentVolumeClaim", params.persistentvolumeclaim, params.namespace)
     class_name = pvc["spec"].get("storageClassName")
     if not class_name:
         raise PlaybookRefused(f"playbook {NAME}: {target} has no storageClassName; it cannot be expanded")

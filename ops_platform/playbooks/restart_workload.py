@@ -10,9 +10,8 @@ from ops_platform.playbooks.base import (
     KubeName,
     PlaybookContext,
     PlaybookParams,
-    PlaybookRefused,
     PlaybookResult,
-    object_name,
+    existing,
 )
 
 NAME = "restart_workload"
@@ -28,10 +27,7 @@ class RestartParams(PlaybookParams):
 def run(ctx: PlaybookContext, params: RestartParams) -> PlaybookResult:
     ctx.check_namespace(NAME, params.namespace)
     kube = ctx.cluster(NAME)
-    target = object_name("Deployment", params.namespace, params.deployment)
-    live = kube.get("apps/v1", "Deployment", params.deployment, params.namespace)
-    if live is None:
-        raise PlaybookRefused(f"playbook {NAME}: {target} does not exist")
+    target, live = existing(kube, NAME, "apps/v1", "Deployment", params.deployment, params.namespace)
     restarted_at = ctx.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
     patch = {
         "apiVersion": "apps/v1",

@@ -19,7 +19,7 @@ from ops_platform.playbooks.base import (
     PlaybookParams,
     PlaybookRefused,
     PlaybookResult,
-    object_name,
+    existing,
 )
 from ops_platform.releases import POD_TEMPLATE_HASH, REVISION_ANNOTATION, PreviousRevision
 from ops_platform.resources.kubernetes import FIELD_MANAGER, KubernetesClient
@@ -36,10 +36,7 @@ class RollbackParams(PlaybookParams):
 def run(ctx: PlaybookContext, params: RollbackParams) -> PlaybookResult:
     ctx.check_namespace(NAME, params.namespace)
     kube = ctx.cluster(NAME, field_manager=FIELD_MANAGER)
-    target = object_name("Deployment", params.namespace, params.deployment)
-    live = kube.get("apps/v1", "Deployment", params.deployment, params.namespace)
-    if live is None:
-        raise PlaybookRefused(f"playbook {NAME}: {target} does not exist")
+    target, live = existing(kube, NAME, "apps/v1", "Deployment", params.deployment, params.namespace)
     current = _revision(live)
     previous = previous_replicaset(kube, live)
     if previous is None:

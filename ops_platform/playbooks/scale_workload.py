@@ -17,6 +17,7 @@ from ops_platform.playbooks.base import (
     PlaybookParams,
     PlaybookRefused,
     PlaybookResult,
+    existing,
     object_name,
 )
 from ops_platform.resources.kubernetes import KubernetesClient
@@ -46,17 +47,13 @@ def run(
                               "must satisfy 1 <= min <= max")
     ctx.check_namespace(NAME, params.namespace)
     kube = ctx.cluster(NAME)
-    deployment = kube.get("apps/v1", "Deployment", params.deployment, params.namespace)
-    if deployment is None:
-        raise PlaybookRefused(f"playbook {NAME}: {object_name('Deployment', params.namespace, params.deployment)} "
-                              "does not exist")
+    target, deployment = existing(kube, NAME, "apps/v1", "Deployment", params.deployment, params.namespace)
     hpa = _hpa_of(kube, params.namespace, params.deployment)
     if hpa is not None:
         return _raise_hpa_floor(ctx, kube, params, hpa, replicas, step, min_replicas, max_replicas)
     current = deployment["spec"].get("replicas", 1)
     wanted = replicas if replicas is not None else current + step
     target_count = max(min_replicas, min(wanted, max_replicas))
-    target = object_name("Deployment", params.namespace, params.deployment)
     if target_count == current:
         return _unchanged(ctx, target, {"replicas": current}, wanted, min_replicas, max_replicas)
     applied = kube.apply(

@@ -19,6 +19,7 @@ and the field at fault (:class:`MalformedResponseError`).
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -561,8 +562,6 @@ def _group_segment(name: str, value: str) -> str:
     """``/name/value``; values a URL path cannot carry plainly go base64url-encoded (``name@base64``)."""
     if _PLAIN_SEGMENT.match(value):
         return f"/{name}/{value}"
-    import base64
-
     return f"/{name}@base64/{base64.urlsafe_b64encode(value.encode()).decode() or '='}"
 
 

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 
 import dagster as dg
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
     HTTPClientError,
     NoCredentialsError,
@@ -136,22 +135,13 @@ class EcrRegistry:
         one-second resolution, so a caller keeping a cursor should ask again
         from the last push time it saw and drop the digests it already knows.
         """
-        if tag_status not in TAG_STATUSES:
-            raise ValueError(f"tag_status must be one of {TAG_STATUSES}, not {tag_status!r}")
         if pushed_since is not None and pushed_since.tzinfo is None:
             raise ValueError("pushed_since must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        pages = self._pages(
-            "describe_images",
-            repository,
-            repositoryName=repository,
-            filter={"tagStatus": tag_status},
-            **self._registry_param(),
-        )
-        for page in pages:
+        for page in self._image_pages("describe_images", repository, tag_status):
             for detail in page.get("imageDetails", []):
                 image = _image_info(repository, detail)
                 # Checked here as well: not every ECR-compatible endpoint applies the filter.
-                if not _has_tag_status(image, tag_status):
+                if not _has_tag_status(bool(image.tags), tag_status):
                     continue
                 if pushed_since is not None and image.pushed_at < pushed_since:
                     continue
@@ -159,23 +149,13 @@ class EcrRegistry:
 
     def list_image_digests(self, repository: str, *, tag_status: str = "TAGGED") -> set[str]:
         """Digests of the images in ``repository`` (ListImages: no push times, far less to read)."""
-        if tag_status not in TAG_STATUSES:
-            raise ValueError(f"tag_status must be one of {TAG_STATUSES}, not {tag_status!r}")
-        pages = self._pages(
-            "list_images",
-            repository,
-            repositoryName=repository,
-            filter={"tagStatus": tag_status},
-            **self._registry_param(),
-        )
-        digests: set[str] = set()
-        for page in pages:
-            for image_id in page.get("imageIds", []):
-                # ListImages gives one entry per tag; an untagged image's entry has no imageTag.
-                tagged = bool(image_id.get("imageTag"))
-                if tag_status == "ANY" or tagged == (tag_status == "TAGGED"):
-                    digests.add(image_id["imageDigest"])
-        return digests
+        return {
+            image_id["imageDigest"]
+            for page in self._image_pages("list_images", repository, tag_status)
+            # ListImages gives one entry per tag; an untagged image's entry has no imageTag.
+            for image_id in page.get("imageIds", [])
+            if _has_tag_status(bool(image_id.get("imageTag")), tag_status)
+        }
 
     def describe_images(self, repository: str, digests: Iterable[str]) -> list[ImageInfo]:
         """The images of ``repository`` with these digests, asked for 100 at a time.
@@ -206,6 +186,14 @@ class EcrRegistry:
         except RepositoryNotFound:
             return False
         return True
+
+    def _image_pages(self, operation: str, repository: str, tag_status: str) -> Iterator[dict[str, Any]]:
+        if tag_status not in TAG_STATUSES:
+            raise ValueError(f"tag_status must be one of {TAG_STATUSES}, not {tag_status!r}")
+        return self._pages(
+            operation, repository, repositoryName=repository, filter={"tagStatus": tag_status},
+            **self._registry_param(),
+        )
 
     def _registry_param(self) -> dict[str, str]:
         return {"registryId": self.registry_id} if self.registry_id else {}
@@ -288,12 +276,8 @@ def _image_info(repository: str, detail: dict[str, Any]) -> ImageInfo:
     )
 
 
-def _has_tag_status(image: ImageInfo, tag_status: str) -> bool:
-    if tag_status == "TAGGED":
-        return bool(image.tags)
-    if tag_status == "UNTAGGED":
-        return not image.tags
-    return True
+def _has_tag_status(tagged: bool, tag_status: str) -> bool:
+    return tag_status == "ANY" or tagged == (tag_status == "TAGGED")
 
 
 class EcrResource(dg.ConfigurableResource):

@@ -248,7 +248,7 @@ def _read_repository(
         if mark is None:
             # Remembered as empty: once it exists, its first image is released.
             return _Read(mark=RepositoryMark(EPOCH, fingerprint=fingerprint(())), log=[f"{missing}; skipped"])
-        return _Read(mark=_settle(mark, settled_before, fingerprint(())), log=[f"{missing} (any more); skipped"])
+        return _Read(mark=_advance(mark, [], settled_before, fingerprint(())), log=[f"{missing} (any more); skipped"])
     except EcrThrottledError as throttled:
         return _Read(log=[f"{repository}: {throttled}; cursor kept, read again next tick"])
     except ImageNotFound as gone:
@@ -263,14 +263,10 @@ def _learn(registry: EcrRegistry, repository: str, settled_before: datetime) -> 
         return _Read(
             mark=RepositoryMark(EPOCH, fingerprint=fingerprint(())), log=[f"{repository}: no tagged image yet"]
         )
-    mark = _advance(None, images, settled_before)
-    assert mark is not None
-    return _Read(
-        mark=RepositoryMark(mark.pushed_at, mark.digests, fingerprint(image.digest for image in images)),
-        learned=True,
-        log=[f"{repository}: learned {len(images)} image(s), newest pushed {mark.pushed_at.isoformat()}; "
-             "none released, new pushes will be"],
-    )
+    mark = _advance(None, images, settled_before, fingerprint(image.digest for image in images))
+    learned = (f"{repository}: learned {len(images)} image(s), newest pushed {mark.pushed_at.isoformat()}; "
+               "none released, new pushes will be")
+    return _Read(mark=mark, learned=True, log=[learned])
 
 
 def _read_changes(
@@ -279,20 +275,11 @@ def _read_changes(
     digests = registry.list_image_digests(repository)
     now_fingerprint = fingerprint(digests)
     if mark.fingerprint == now_fingerprint:
-        return _Read(mark=_settle(mark, settled_before, now_fingerprint))
+        return _Read(mark=_advance(mark, [], settled_before, now_fingerprint))
     changed = _changed_buckets(mark.fingerprint, now_fingerprint)
-    to_describe = [digest for digest in digests if _bucket(digest) in changed]
-    described = registry.describe_images(repository, to_describe) if to_describe else []
+    described = registry.describe_images(repository, (digest for digest in digests if _bucket(digest) in changed))
     new_images = [image for image in described if image.tags and not mark.has_seen(image)]
-    new_mark = _advance(mark, new_images, settled_before) or mark
-    return _Read(
-        mark=RepositoryMark(new_mark.pushed_at, new_mark.digests, now_fingerprint), images=new_images
-    )
-
-
-def _settle(mark: RepositoryMark, settled_before: datetime, now_fingerprint: str) -> RepositoryMark:
-    settled = _advance(mark, [], settled_before) or mark
-    return RepositoryMark(settled.pushed_at, settled.digests, now_fingerprint)
+    return _Read(mark=_advance(mark, new_images, settled_before, now_fingerprint), images=new_images)
 
 
 def _release_tag(image: ImageInfo, tag_pattern: re.Pattern[str]) -> str | None:
@@ -304,19 +291,23 @@ def _release_tag(image: ImageInfo, tag_pattern: re.Pattern[str]) -> str | None:
 
 
 def _advance(
-    mark: RepositoryMark | None, new_images: list[ImageInfo], settled_before: datetime
-) -> RepositoryMark | None:
+    mark: RepositoryMark | None, new_images: list[ImageInfo], settled_before: datetime, now_fingerprint: str
+) -> RepositoryMark:
+    """The mark after ``new_images`` (``mark`` or the images must be given), with the repository's fingerprint.
+
+    The digests at the newest second are kept until that second is older than ``settled_before``.
+    """
     newest = max((image.pushed_at for image in new_images), default=None)
     if newest is None:
-        if mark is not None and mark.digests and mark.pushed_at < settled_before:
-            return RepositoryMark(mark.pushed_at)
-        return mark
+        assert mark is not None, "a repository without a mark is learned from its images"
+        settled = not mark.digests or mark.pushed_at < settled_before
+        return RepositoryMark(mark.pushed_at, frozenset() if settled else mark.digests, now_fingerprint)
     if newest < settled_before:
-        return RepositoryMark(newest)
+        return RepositoryMark(newest, fingerprint=now_fingerprint)
     at_newest = {digest_key(image.digest) for image in new_images if image.pushed_at == newest}
     if mark is not None and mark.pushed_at == newest:
         at_newest |= mark.digests
-    return RepositoryMark(newest, frozenset(at_newest))
+    return RepositoryMark(newest, frozenset(at_newest), now_fingerprint)
 
 
 def dump_cursor(cursor: Mapping[str, RepositoryMark]) -> str:
