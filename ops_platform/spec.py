@@ -149,6 +149,13 @@ class Connection(_Model):
 
 
 class Retention(_Model):
+    """How many verified backups to keep: the newest of each of the last N hours, days, weeks.
+
+    Hours, days and weeks are bucketed in ``platform.timezone``. The newest
+    verified backup is always kept, whatever the numbers say.
+    """
+
+    hourly: int = Field(default=0, ge=0)
     daily: int = Field(default=7, ge=1)
     weekly: int = Field(default=4, ge=0)
 
@@ -162,7 +169,13 @@ class RestoreTest(_Model):
 
 
 class PgBackRestOptions(_Model):
-    """pgBackRest settings of a PostgreSQL datastore (InfraSpec §7.1)."""
+    """pgBackRest settings of a PostgreSQL datastore (InfraSpec §7.1).
+
+    The cluster archives its WAL into the same repository (``archive_command``
+    ``pgbackrest archive-push``), so any point since the oldest kept full
+    backup can be restored: the RPO is held by the WAL archive, not by how
+    often a base backup is taken (point-in-time recovery).
+    """
 
     stanza: Name
     pg_path: str  # data directory of the cluster on its host
@@ -203,8 +216,10 @@ class Datastore(_Model):
     method: str
     layer: Name | None = None
     connection: Connection
-    schedule: Cron = "0 2 * * *"
+    schedule: Cron = "0 * * * *"
     retention: Retention = Retention()
+    rpo_minutes: PositiveInt | None = None  # unset: objectives.rpo_minutes
+    rto_minutes: PositiveInt | None = None  # unset: objectives.rto_minutes
     restore_test: RestoreTest | None = None
     owner: Owner | None = None
     pgbackrest: PgBackRestOptions | None = None
@@ -340,9 +355,23 @@ class Remediation(_Model):
     namespaces: list[str] = []
 
 
+Severity = Literal["info", "warning", "critical"]
+
+
+class Alerting(_Model):
+    """Severity of the alerts this graph raises (failed runs, failed checks), by asset group."""
+
+    severity: dict[str, Severity] = {"backups": "critical", "restore_tests": "critical"}
+    default_severity: Severity = "warning"
+
+    def severity_of(self, group: str | None) -> str:
+        return self.severity.get(group or "", self.default_severity)
+
+
 class Spec(_Model):
     platform: PlatformInfo
     objectives: Objectives
+    alerting: Alerting = Alerting()
     layers: list[Layer] = []
     datastores: list[Datastore] = []
     volumes: list[VolumeGroup] = []
@@ -372,6 +401,7 @@ class Spec(_Model):
         for store in self.datastores:
             if store.layer is not None and store.layer not in layer_names:
                 raise ValueError(f"datastore {store.name!r} names unknown layer {store.layer!r}")
+        _schedules_hold_rpo(self)
         if self.images is not None:
             for service in self.images.services:
                 unknown = [e for e in service.environments if e not in self.platform.environments]
@@ -393,6 +423,12 @@ class Spec(_Model):
 
     def datastore(self, name: str) -> Datastore:
         return next(store for store in self.datastores if store.name == name)
+
+    def rpo_minutes(self, store: Datastore) -> int:
+        return store.rpo_minutes or self.objectives.rpo_minutes
+
+    def rto_minutes(self, store: Datastore) -> int:
+        return store.rto_minutes or self.objectives.rto_minutes
 
     def layers_in_order(self) -> list[Layer]:
         """Layers sorted so that every layer comes after the layers it requires."""
@@ -435,6 +471,32 @@ def _check_acyclic(graph: dict[str, list[str]]) -> None:
 
     for node in graph:
         visit(node, [])
+
+
+# Methods that restore to any point in time from a continuous archive (WAL): their RPO does
+# not depend on how often a base backup is taken.
+POINT_IN_TIME_METHODS = ("pgbackrest",)
+
+
+def _schedules_hold_rpo(spec: Spec) -> None:
+    from ops_platform.cron import CronError, max_gap_minutes
+
+    problems = []
+    for index, store in enumerate(spec.datastores):
+        rpo = spec.rpo_minutes(store)
+        try:
+            gap = max_gap_minutes(store.schedule)
+        except CronError as error:
+            problems.append(f"datastores[{index}:{store.name}].schedule: {error}")
+            continue
+        if gap > rpo and store.method not in POINT_IN_TIME_METHODS:
+            problems.append(
+                f"datastores[{index}:{store.name}].schedule: {store.schedule!r} leaves up to {gap} min between "
+                f"backups, more than its RPO of {rpo} min, and {store.engine}/{store.method} has no "
+                "point-in-time recovery (back up at least every RPO, or set rpo_minutes for this datastore)"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _same_target(source: Connection, restore_test: RestoreTest) -> bool:

@@ -84,6 +84,11 @@ class BackupOutcome:
     restore: dict[str, Any]  # what a restore needs (format, tool version, label, ...)
     counts: dict[str, int] = field(default_factory=dict)  # rows / keys / documents at backup time
     details: dict[str, Any] = field(default_factory=dict)  # shown in metadata (tool output, ...)
+    # Bytes read from the source (database size, dataset size); None when the tool does not say.
+    source_bytes: int | None = None
+    # Bytes the backup occupies where it is kept, when that is not our artifacts (pgBackRest's
+    # repository, the engine's snapshot repository); None: the artifacts' sizes.
+    stored_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,10 @@ class Restored(Protocol):
     def run_queries(self, queries: list[str]) -> list[QueryResult]:
         """The spec's verify_sql / verify_keys, run against the restored data."""
         ...
+
+    # A driver that restores to a point in time (WAL replay) sets ``recovery_point`` to the
+    # point the restore reached and proved; unset or None, the restore proved the backup's
+    # own recovery point (the manifest's).
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,11 @@ class BackupDriver(Protocol):
     ) -> AbstractContextManager[Restored]:
         """Restore into ``restore_test.target`` (never the source) and yield it; clean up on exit."""
         ...
+
+    # Optional: ``expire(manifest, store) -> str`` removes what the engine keeps of a backup that
+    # retention drops (an Elasticsearch snapshot, a milvus-backup backup, a pgBackRest backup
+    # set) and says what it removed; raises BackupError when it cannot. Drivers whose
+    # backups live only in our artifacts do not define it.
 
 
 def iter_chunks(stream: Any, size: int = 1024 * 1024) -> Iterator[bytes]:

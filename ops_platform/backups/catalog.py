@@ -130,6 +130,8 @@ class BackupCatalog:
             restore=outcome.restore,
             counts=outcome.counts,
             details=outcome.details,
+            source_bytes=outcome.source_bytes,
+            **({"bytes": outcome.stored_bytes} if outcome.stored_bytes is not None else {}),
         )
         self.store.put_bytes(
             self.manifest_key(job.partition, job.backup_id),

@@ -53,7 +53,8 @@ class BackupManifest(BaseModel):
     started_at: datetime
     finished_at: datetime
     recovery_point: datetime
-    bytes: int = Field(ge=0)
+    bytes: int = Field(ge=0)  # stored: what the backup occupies where it is kept
+    source_bytes: int | None = Field(default=None, ge=0)  # read from the source (database size)
     sha256: str | None = None
     artifacts: list[_ArtifactModel] = []
     source_version: str
