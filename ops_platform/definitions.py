@@ -34,8 +34,6 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
         asset_checks=[
             *infra.build_layer_checks(spec),
             *releases.build_release_checks(spec),
-            *backups.build_backup_checks(spec),
-            *backups.build_restore_test_checks(spec),
             *certificates.build_certificate_checks(spec),
             *compliance.build_compliance_checks(spec),
         ],

@@ -496,7 +496,7 @@ def _schedules_hold_rpo(spec: Spec) -> None:
                 "point-in-time recovery (back up at least every RPO, or set rpo_minutes for this datastore)"
             )
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("\n".join(problems))
 
 
 def _same_target(source: Connection, restore_test: RestoreTest) -> bool:
@@ -553,6 +553,9 @@ def parse_spec(raw: object, source: Path | str = "<spec>") -> Spec:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key (not part of the spec)"
+            if not error["loc"] and re.match(r"^\w+\[", message):  # a spec-wide rule that names its own fields
+                problems.extend(message.splitlines())
+                continue
             problems.append(f"{location}: {message}")
         raise SpecError(source, problems) from None
 

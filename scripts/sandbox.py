@@ -254,18 +254,14 @@ WORKSPACE_QUERY = (
 
 
 def start_first_backups(spec: Spec, sandbox: Path, settings: dict[str, str]) -> ServerProcess:
-    """Back up every sandbox datastore into today's partition, then restore-test each,
-    as runs of the sandbox's Dagster instance, so the UI shows them from the start."""
-    from datetime import datetime
-    from zoneinfo import ZoneInfo
-
-    today = datetime.now(ZoneInfo(spec.platform.timezone)).date().isoformat()
+    """Back up every sandbox datastore, then restore-test each, as runs of the
+    sandbox's Dagster instance, so the UI shows them from the start."""
     dagster = str(Path(sys.executable).parent / "dagster")
     backups = ",".join(f"backups/{store.name}" for store in spec.datastores)
     restore_tests = ",".join(f"restore_tests/{s.name}" for s in spec.datastores if s.restore_test)
     script = (
         f"{shlex.quote(dagster)} asset materialize -m ops_platform.definitions "
-        f"--select {shlex.quote(backups)} --partition {today} && "
+        f"--select {shlex.quote(backups)} && "
         f"{shlex.quote(dagster)} asset materialize -m ops_platform.definitions "
         f"--select {shlex.quote(restore_tests)}"
     )

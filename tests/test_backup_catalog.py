@@ -1,5 +1,6 @@
-"""The catalog: commit marker, latest good backup, retention, checksum verification,
-garbled manifests — on the local store and on S3 (moto server)."""
+"""The catalog: commit marker, verification marker, retention over verified backups only,
+checksum verification, garbled manifests, prune failures — on the local store and on S3
+(moto server)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from ops_platform.backups.base import Artifact, BackupError, BackupJob, BackupOutcome, Verification
-from ops_platform.backups.catalog import BackupCatalog
+from ops_platform.backups.catalog import ORPHAN_AGE, BackupCatalog
 from ops_platform.backups.manifest import ManifestError, parse_manifest
-from ops_platform.resources.object_store import LocalObjectStore, S3ObjectStore, aws_client
+from ops_platform.resources.object_store import LocalObjectStore, ObjectStoreError, S3ObjectStore, aws_client
 from ops_platform.spec import Datastore, Retention
 
 DATASTORE = Datastore.model_validate(
@@ -54,6 +55,20 @@ def store(request, tmp_path):
     bucket = request.getfixturevalue("s3_bucket")
     client = aws_client("s3", region="ap-northeast-2", endpoint_url=None, needed_for="test")
     return S3ObjectStore(client, bucket, prefix="ops/")
+
+
+def verified_backup(catalog, driver, folder, **kwargs):
+    """A backup as the backup asset leaves it after its checks passed."""
+    manifest = catalog.run_backup(driver, DATASTORE, folder, **kwargs)
+    catalog.mark_verified(manifest, {"sha256": "ok"}, manifest.finished_at)
+    return manifest
+
+
+class DeleteDeniedStore(LocalObjectStore):
+    """Stands in for an S3 bucket whose policy (or Object Lock) denies DeleteObject to us."""
+
+    def delete(self, key: str) -> None:
+        raise ObjectStoreError(f"s3 delete of {key}: AccessDenied (s3:DeleteObject is denied by the bucket policy)")
 
 
 class Clock:
@@ -110,7 +125,7 @@ def test_missing_artifact_is_detected(store):
 def test_garbled_manifest_is_reported_passed_over_and_never_pruned(store):
     catalog = BackupCatalog(store, "kv")
     clock = Clock(datetime(2026, 11, 1, 2, tzinfo=UTC))
-    older = catalog.run_backup(BytesDriver(), DATASTORE, "2026-11-01", now=clock)
+    older = verified_backup(catalog, BytesDriver(), "2026-11-01", now=clock)
     newer = catalog.run_backup(BytesDriver(), DATASTORE, "2026-11-02", now=clock)
     garbled_key = catalog.manifest_key("2026-11-02", newer.backup_id)
     store.put_bytes(garbled_key, b'{"backup_id": "x", "bytes": "many"')
@@ -118,7 +133,7 @@ def test_garbled_manifest_is_reported_passed_over_and_never_pruned(store):
     assert [m.backup_id for m in listing.manifests] == [older.backup_id]
     assert len(listing.garbled) == 1 and "not JSON" in str(listing.garbled[0])
     assert catalog.latest() == older
-    catalog.prune(Retention(daily=1, weekly=0))
+    catalog.prune(Retention(daily=1, weekly=0), now=clock.now + ORPHAN_AGE * 2)
     assert store.head(garbled_key) is not None
     assert store.head(newer.artifact_list()[0].key) is not None
 
@@ -149,12 +164,12 @@ def test_retention_keeps_daily_weekly_and_newest(tmp_path):
     for day in range(40):
         when = start + timedelta(days=day)
         manifests.append(
-            catalog.run_backup(BytesDriver(b"x"), DATASTORE, when.date().isoformat(), now=lambda when=when: when)
+            verified_backup(catalog, BytesDriver(b"x"), when.date().isoformat(), now=lambda when=when: when)
         )
     # Two backups on the last day: only the newer counts for that day.
     last_day = start + timedelta(days=39, hours=3)
-    newest = catalog.run_backup(BytesDriver(b"y"), DATASTORE, last_day.date().isoformat(), now=lambda: last_day)
-    plan = catalog.prune(Retention(daily=7, weekly=4))
+    newest = verified_backup(catalog, BytesDriver(b"y"), last_day.date().isoformat(), now=lambda: last_day)
+    plan = catalog.prune(Retention(daily=7, weekly=4), now=last_day)
     kept = catalog.listing().manifests
     assert kept[0] == newest
     assert {m.backup_id for m in kept} == {m.backup_id for m in plan.keep}
@@ -163,21 +178,111 @@ def test_retention_keeps_daily_weekly_and_newest(tmp_path):
     assert kept_days[-7:] == [(last_day - timedelta(days=n)).date() for n in range(6, -1, -1)]
     weeks = {tuple(m.recovery_point.isocalendar())[:2] for m in kept}
     assert len(weeks) >= 4
-    assert len(list(store.list("backups/kv/"))) == 2 * len(kept)
+    assert len(list(store.list("backups/kv/"))) == 3 * len(kept)  # artifact, manifest, verification marker
+    assert [p.backup_id for p in plan.pruned] == [m.backup_id for m in plan.delete]
 
 
 def test_retention_never_deletes_the_only_backup(tmp_path):
     catalog = BackupCatalog(LocalObjectStore(tmp_path), "kv")
-    only = catalog.run_backup(BytesDriver(), DATASTORE, "2026-01-01",
-                              now=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    only = verified_backup(catalog, BytesDriver(), "2026-01-01", now=lambda: datetime(2026, 1, 1, tzinfo=UTC))
     catalog.prune(Retention(daily=1, weekly=0), now=datetime(2026, 11, 1, tzinfo=UTC))
     assert catalog.latest() == only
+
+
+def test_an_unverified_newest_backup_never_gets_the_last_verified_one_deleted(store):
+    catalog = BackupCatalog(store, "kv")
+    clock = Clock(datetime(2026, 11, 1, 2, tzinfo=UTC))
+    good = verified_backup(catalog, BytesDriver(), "2026-11-01", now=clock)
+    clock.now += timedelta(days=1)
+    corrupt = catalog.run_backup(BytesDriver(b"corrupt"), DATASTORE, "2026-11-02", now=clock)  # failed its check
+    plan = catalog.prune(Retention(daily=1, weekly=0), now=clock.now)
+    assert plan.delete == []
+    assert plan.reasons[good.backup_id] == "newest verified"
+    assert "not verified" in plan.reasons[corrupt.backup_id]
+    assert catalog.latest_verified() == good
+    assert catalog.verify_artifacts(good) == []
+    # A day later the unverified one is a failed backup's leftover; the verified one still stays.
+    plan = catalog.prune(Retention(daily=1, weekly=0), now=clock.now + ORPHAN_AGE * 2)
+    assert [m.backup_id for m in plan.delete] == [corrupt.backup_id]
+    assert [m.backup_id for m in catalog.listing().manifests] == [good.backup_id]
+
+
+def test_unverified_backups_do_not_count_towards_retention(tmp_path):
+    catalog = BackupCatalog(LocalObjectStore(tmp_path), "kv")
+    clock = Clock(datetime(2026, 11, 1, 2, tzinfo=UTC))
+    first = verified_backup(catalog, BytesDriver(), "2026-11-01", now=clock)
+    clock.now += timedelta(days=1)
+    second = verified_backup(catalog, BytesDriver(), "2026-11-02", now=clock)
+    clock.now += timedelta(days=1)
+    for _ in range(3):  # three newer backups that never verified
+        catalog.run_backup(BytesDriver(b"bad"), DATASTORE, "2026-11-03", now=clock)
+    plan = catalog.prune(Retention(daily=2, weekly=0), now=clock.now)
+    kept_verified = [m.backup_id for m in plan.keep if m.backup_id in catalog.listing().verified]
+    assert kept_verified == [second.backup_id, first.backup_id]
+
+
+def test_hourly_retention_buckets_hours_in_the_platform_timezone(tmp_path):
+    catalog = BackupCatalog(LocalObjectStore(tmp_path), "kv")
+    start = datetime(2026, 11, 30, 14, 10, tzinfo=UTC)  # 23:10 in Seoul
+    for half_hours in range(8):
+        when = start + timedelta(minutes=30 * half_hours)
+        verified_backup(catalog, BytesDriver(b"x"), "d", now=lambda when=when: when)
+    # The day boundary is Seoul's: 23:10 and 23:40 KST belong to 2026-11-30, the rest to 2026-12-01.
+    daily = catalog.plan_retention(Retention(daily=2, weekly=0), catalog.listing().manifests,
+                                   catalog.listing().verified, timezone="Asia/Seoul")
+    assert sorted(daily.reasons.values()) == ["daily 2026-11-30", "newest verified"]
+    utc_daily = catalog.plan_retention(Retention(daily=2, weekly=0), catalog.listing().manifests,
+                                       catalog.listing().verified, timezone="UTC")
+    assert sorted(utc_daily.reasons.values()) == ["newest verified"]  # all eight fall on 2026-11-30 in UTC
+    plan = catalog.prune(Retention(hourly=3, daily=1, weekly=0), timezone="Asia/Seoul",
+                         now=start + timedelta(hours=4))
+    reasons = sorted(plan.reasons.values())
+    # Four hours of two backups each: the newest of each of the last three hours (02h is the newest).
+    assert reasons == ["hourly 2026-12-01 00h", "hourly 2026-12-01 01h", "newest verified"]
+    assert len(plan.delete) == 5
+
+
+def test_a_prune_the_store_denies_is_reported_and_loses_nothing(tmp_path):
+    writable = LocalObjectStore(tmp_path)
+    catalog = BackupCatalog(writable, "kv")
+    clock = Clock(datetime(2026, 11, 1, 2, tzinfo=UTC))
+    old = verified_backup(catalog, BytesDriver(), "2026-11-01", now=clock)
+    clock.now += timedelta(days=3)
+    new = verified_backup(catalog, BytesDriver(), "2026-11-04", now=clock)
+    denied = BackupCatalog(DeleteDeniedStore(tmp_path), "kv")
+    plan = denied.prune(Retention(daily=1, weekly=0), now=clock.now)
+    assert plan.pruned == []
+    assert len(plan.errors) == 1 and old.backup_id in plan.errors[0] and "AccessDenied" in plan.errors[0]
+    assert {m.backup_id for m in catalog.listing().manifests} == {old.backup_id, new.backup_id}
+    assert catalog.listing().verified == {old.backup_id, new.backup_id}
+
+
+def test_engine_expiry_runs_first_and_a_refusal_keeps_our_records(tmp_path):
+    catalog = BackupCatalog(LocalObjectStore(tmp_path), "kv")
+    clock = Clock(datetime(2026, 11, 1, 2, tzinfo=UTC))
+    old = verified_backup(catalog, BytesDriver(), "2026-11-01", now=clock)
+    clock.now += timedelta(days=3)
+    verified_backup(catalog, BytesDriver(), "2026-11-04", now=clock)
+
+    def refuse(manifest, store):
+        raise BackupError(f"snapshot {manifest.backup_id} is in use by a running restore")
+
+    plan = catalog.prune(Retention(daily=1, weekly=0), now=clock.now, expire=refuse)
+    assert "in use by a running restore" in plan.errors[0]
+    assert old.backup_id in {m.backup_id for m in catalog.listing().manifests}
+
+    expired = []
+    plan = catalog.prune(Retention(daily=1, weekly=0), now=clock.now,
+                         expire=lambda manifest, store: expired.append(manifest.backup_id) or "snapshot deleted")
+    assert expired == [old.backup_id]
+    assert [(p.backup_id, p.engine) for p in plan.pruned] == [(old.backup_id, "snapshot deleted")]
+    assert old.backup_id not in {m.backup_id for m in catalog.listing().manifests}
 
 
 def test_orphans_of_failed_runs_are_removed_after_a_day(tmp_path):
     store = LocalObjectStore(tmp_path)
     catalog = BackupCatalog(store, "kv")
-    catalog.run_backup(BytesDriver(), DATASTORE, "2026-11-20")
+    verified_backup(catalog, BytesDriver(), "2026-11-20")
     orphan = "backups/kv/2026-11-19/20261119T020000Z-abcdef/dump.rdb"
     fresh_orphan = "backups/kv/2026-11-22/20261122T020000Z-abcdef/dump.rdb"
     store.put_bytes(orphan, b"half")

@@ -88,8 +88,8 @@ def test_groups_kinds_owners_partitions(asset_graph):
     assert backup.group_name == "backups"
     assert {"postgres", "s3"} <= set(backup.kinds)
     assert backup.owners == ["team:platform-sre"]
-    assert isinstance(backup.partitions_def, dg.DailyPartitionsDefinition)
-    assert backup.partitions_def.timezone == "Asia/Seoul"
+    assert backup.partitions_def is None  # a backup is taken now; it cannot be backfilled into the past
+    assert backup.freshness_policy is not None
     layer = asset_graph.get(layer_key("storage"))
     assert layer.group_name == "infra" and "kubernetes" in layer.kinds
     assert asset_graph.get(release_key("onto-frontend", "dev")).group_name == "apps"
@@ -158,7 +158,6 @@ def test_backup_of_an_unreachable_datastore_fails_clearly_and_commits_nothing(no
     result = dg.materialize(
         [defs.get_assets_def(backup_key("postgres_main"))],
         resources=build_resources(spec, "local"),
-        partition_key="2026-11-01",
         raise_on_error=False,
     )
     assert not result.success
@@ -175,7 +174,6 @@ def test_backup_without_password_names_its_env_var(no_cluster_or_aws, monkeypatc
     result = dg.materialize(
         [defs.get_assets_def(backup_key("postgres_main"))],
         resources=build_resources(SANDBOX_SPEC, "local"),
-        partition_key="2026-11-01",
         raise_on_error=False,
     )
     assert not result.success
@@ -190,8 +188,7 @@ def test_prod_backup_needs_a_bucket(no_cluster_or_aws, monkeypatch):
         dg.materialize(
             [defs.get_assets_def(backup_key("postgres_main"))],
             resources=build_resources(SANDBOX_SPEC, "prod"),
-            partition_key="2026-11-01",
-        )
+            )
 
 
 def test_unknown_environment_is_refused(monkeypatch):

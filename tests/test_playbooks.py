@@ -182,7 +182,7 @@ def test_missing_label_is_refused_naming_it(name: str, labels: dict[str, str], m
                                             kube: KubernetesClient, kube_api: KubeApiServer) -> None:
     kube_api.requests.clear()
     with pytest.raises(PlaybookRefused, match=f"the alert has no label '{missing}'"):
-        run_playbook(name, ctx(kube), labels, datastores=["postgres_main"], partition="2026-03-01")
+        run_playbook(name, ctx(kube), labels, datastores=["postgres_main"])
     assert kube_api.requests == []
 
 
@@ -339,22 +339,15 @@ def test_renew_certificate_triggers_cert_manager(tls_ca: Any, kube: KubernetesCl
         run_playbook("renew_certificate", ctx(kube), {"namespace": "apps", "name": "other"}, trust_roots=[])
 
 
-def test_rerun_backup_names_the_asset_and_partition() -> None:
+def test_rerun_backup_names_the_asset() -> None:
     labels = {"datastore": "postgres_main", "alertname": "BackupTooOld"}
-    result = run_playbook("rerun_backup", ctx(None), labels, datastores=["postgres_main", "redis"],
-                          partition="2026-03-01")
-    assert result.after == {"asset_key": ["backups", "postgres_main"], "partition": "2026-03-01"}
+    result = run_playbook("rerun_backup", ctx(None), labels, datastores=["postgres_main", "redis"])
+    assert result.after == {"asset_key": ["backups", "postgres_main"]}
     assert result.changed and result.target == "backups/postgres_main"
-    dry = run_playbook("rerun_backup", ctx(None, dry_run=True), labels, datastores=["postgres_main"],
-                       partition="2026-03-01")
+    dry = run_playbook("rerun_backup", ctx(None, dry_run=True), labels, datastores=["postgres_main"])
     assert not dry.changed and dry.summary.startswith("would materialize")
-    assert result.as_metadata()["after"]["partition"] == "2026-03-01"
 
 
-def test_rerun_backup_refuses_an_unknown_datastore_or_partition() -> None:
+def test_rerun_backup_refuses_an_unknown_datastore() -> None:
     with pytest.raises(PlaybookRefused, match=r"unknown datastore 'mysql'; the spec has \['postgres_main'\]"):
-        run_playbook("rerun_backup", ctx(None), {"datastore": "mysql"}, datastores=["postgres_main"],
-                     partition="2026-03-01")
-    with pytest.raises(PlaybookRefused, match="not a daily partition key"):
-        run_playbook("rerun_backup", ctx(None), {"datastore": "postgres_main"}, datastores=["postgres_main"],
-                     partition="today")
+        run_playbook("rerun_backup", ctx(None), {"datastore": "mysql"}, datastores=["postgres_main"])

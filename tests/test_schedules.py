@@ -1,5 +1,5 @@
-"""Schedules from the spec: backups at each datastore's cron into that day's
-partition, snapshots every 6 h, restore tests weekly, all in the platform's timezone."""
+"""Schedules from the spec: backups at each datastore's cron (often enough for its RPO),
+snapshots every 6 h, restore tests weekly, all in the platform's timezone."""
 
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -31,12 +31,20 @@ def test_cadences_follow_the_spec():
     assert {s.execution_timezone for s in DEFS.schedules} == {"Asia/Seoul"}
 
 
-def test_backup_schedule_requests_the_partition_of_its_day():
-    schedule = next(s for s in DEFS.schedules if s.name == "backup_postgres_main_schedule")
-    when = datetime(2026, 11, 22, 2, 0, tzinfo=ZoneInfo("Asia/Seoul"))
+def test_backup_schedule_requests_a_backup_taken_now():
+    schedule = next(s for s in DEFS.schedules if s.name == "backup_redis_cache_schedule")
+    when = datetime(2026, 11, 22, 2, 15, tzinfo=ZoneInfo("Asia/Seoul"))
     with dg.build_schedule_context(scheduled_execution_time=when, repository_def=DEFS.get_repository_def()) as context:
         request = schedule.evaluate_tick(context).run_requests[0]
-    assert request.partition_key == "2026-11-22"
-    assert request.run_key == f"postgres_main-{when.isoformat()}"
-    job = DEFS.resolve_job_def("backup_postgres_main")
-    assert "2026-11-22" in job.partitions_def.get_partition_keys(current_time=when)
+    assert request.partition_key is None
+    job = DEFS.resolve_job_def("backup_redis_cache")
+    assert job.partitions_def is None
+
+
+def test_every_shipped_backup_schedule_holds_its_rpo():
+    from ops_platform.cron import max_gap_minutes
+    from ops_platform.spec import POINT_IN_TIME_METHODS
+
+    for store in SPEC.datastores:
+        if store.method not in POINT_IN_TIME_METHODS:
+            assert max_gap_minutes(store.schedule) <= SPEC.rpo_minutes(store), store.name

@@ -225,3 +225,41 @@ def test_extends_missing_base(tmp_path):
     path = write_spec(tmp_path, {"extends": "does-not-exist.yaml"})
     with pytest.raises(SpecError, match="extends: .*does-not-exist.yaml.*not found"):
         load_spec(path)
+
+
+def _datastore(raw: dict, name: str) -> dict:
+    return next(store for store in raw["datastores"] if store["name"] == name)
+
+
+def test_a_backup_schedule_that_cannot_hold_the_rpo_fails_at_load(tmp_path):
+    error = load_broken(tmp_path, lambda raw: _datastore(raw, "redis_cache").update(schedule="15 2 * * *"))
+    [problem] = [p for p in error.problems if "redis_cache" in p]
+    assert problem.startswith("datastores[")
+    assert "redis_cache].schedule" in problem and "1440 min" in problem and "RPO of 60 min" in problem
+
+
+def test_a_datastore_may_set_its_own_rpo_and_rto(tmp_path):
+    raw = copy.deepcopy(BASE)
+    _datastore(raw, "redis_cache").update(schedule="15 2 * * *", rpo_minutes=1440, rto_minutes=30)
+    spec = load_spec(write_spec(tmp_path, raw))
+    redis = spec.datastore("redis_cache")
+    assert spec.rpo_minutes(redis) == 1440 and spec.rto_minutes(redis) == 30
+    assert spec.rpo_minutes(spec.datastore("neo4j_graph")) == 60
+
+
+def test_point_in_time_recovery_holds_the_rpo_between_daily_base_backups():
+    spec = load_spec(DEFAULT_SPEC_PATH)
+    postgres = spec.datastore("postgres_main")
+    assert postgres.method == "pgbackrest" and postgres.schedule == "0 2 * * *"
+
+
+def test_a_schedule_that_never_fires_is_named(tmp_path):
+    error = load_broken(tmp_path, lambda raw: _datastore(raw, "redis_cache").update(schedule="0 0 31 2 *"))
+    assert any("redis_cache].schedule" in p and "never fires" in p for p in error.problems)
+
+
+def test_alert_severity_per_group_defaults_to_critical_for_backups():
+    spec = load_spec(DEFAULT_SPEC_PATH)
+    assert spec.alerting.severity_of("backups") == "critical"
+    assert spec.alerting.severity_of("restore_tests") == "critical"
+    assert spec.alerting.severity_of("apps") == "warning"

@@ -1,11 +1,20 @@
-"""`backups/<datastore>` (daily partitions) and `restore_tests/<datastore>`, with their checks."""
+"""`backups/<datastore>` and `restore_tests/<datastore>`, each with the checks its own run yields.
+
+A backup is not replayable, so the backup assets are not partitioned: each
+materialization is one backup, taken now, verified, and only then counted by
+retention. A materialization exists only for a verified backup, so the
+asset's freshness (its RPO) is the age of the newest verified backup. A
+restore test materializes only when it passed; a refused or failed one
+yields its checks failed, with the reason, and fails the run.
+"""
 
 import tempfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 
+from ops_platform.assets.failures import failure, prefixed
 from ops_platform.assets.keys import (
     BACKUPS_GROUP,
     RESTORE_TESTS_GROUP,
@@ -14,53 +23,48 @@ from ops_platform.assets.keys import (
     restore_test_key,
 )
 from ops_platform.backups import metrics
-from ops_platform.backups.base import BackupError
-from ops_platform.backups.catalog import BackupCatalog
-from ops_platform.backups.drivers import DriverServices, build_driver, current_recovery_point
-from ops_platform.backups.manifest import BackupManifest, ManifestError
+from ops_platform.backups.catalog import BackupCatalog, RetentionPlan, day_folder
+from ops_platform.backups.drivers import DriverServices, build_driver
+from ops_platform.backups.manifest import BackupManifest
 from ops_platform.backups.restore_test import RestoreTestResult, result_rows, run_restore_test
+from ops_platform.cron import max_gap_minutes
 from ops_platform.environment import get_environment
 from ops_platform.errors import OpsPlatformError
 from ops_platform.metadata import human_bytes, table
 from ops_platform.resources.alerting import PushgatewayResource
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.resources.object_store import ObjectStoreResource
-from ops_platform.spec import ENGINE_KIND, Datastore, Spec
+from ops_platform.spec import ENGINE_KIND, POINT_IN_TIME_METHODS, Datastore, Spec
 
 ARTIFACT_CHECKSUM = "artifact_checksum"
 RTO_WITHIN_OBJECTIVE = "rto_within_objective"
 RPO_WITHIN_OBJECTIVE = "rpo_within_objective"
 DATA_VERIFIED = "data_verified"
-
-
-def daily_partitions(spec: Spec) -> dg.DailyPartitionsDefinition:
-    # end_offset=1: today's partition exists, so a backup taken today lands in it.
-    return dg.DailyPartitionsDefinition(
-        start_date=spec.platform.history_start.isoformat(),
-        timezone=spec.platform.timezone,
-        end_offset=1,
-    )
+RESTORE_TEST_CHECKS = (DATA_VERIFIED, RTO_WITHIN_OBJECTIVE, RPO_WITHIN_OBJECTIVE)
+# A restore test is due on its schedule; it is stale when a whole interval and this much more has passed.
+RESTORE_TEST_GRACE = timedelta(days=1)
 
 
 def build_backup_assets(spec: Spec) -> list[dg.AssetsDefinition]:
-    partitions = daily_partitions(spec)
-    return [_backup_asset(spec, store, partitions) for store in spec.datastores]
-
-
-def build_backup_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
-    return [_checksum_check(store) for store in spec.datastores]
+    return [_backup_asset(spec, store) for store in spec.datastores]
 
 
 def build_restore_test_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     return [_restore_test_asset(spec, store) for store in spec.datastores if store.restore_test]
 
 
-def build_restore_test_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
-    checks: list[dg.AssetChecksDefinition] = []
-    for store in spec.datastores:
-        if store.restore_test:
-            checks += _restore_test_checks(spec, store)
-    return checks
+def backup_freshness_window(spec: Spec, store: Datastore) -> timedelta:
+    """How old the newest verified backup may get before the asset is stale.
+
+    The RPO, except where a continuous archive holds the RPO between base
+    backups (pgBackRest's WAL archive): there the base backup's own interval
+    plus the RPO.
+    """
+    rpo = spec.rpo_minutes(store)
+    gap = max_gap_minutes(store.schedule)
+    if store.method in POINT_IN_TIME_METHODS and gap > rpo:
+        return timedelta(minutes=gap + rpo)
+    return timedelta(minutes=rpo)
 
 
 def _services(kubernetes: KubernetesResource, object_store: ObjectStoreResource) -> DriverServices:
@@ -72,13 +76,15 @@ def manifest_metadata(manifest: BackupManifest) -> dict[str, object]:
     artifacts = manifest.artifact_list()
     metadata: dict[str, object] = {
         "backup_id": manifest.backup_id,
-        "size_bytes": dg.MetadataValue.int(manifest.bytes),
-        "size": human_bytes(manifest.bytes),
+        "stored_bytes": dg.MetadataValue.int(manifest.bytes),
+        "stored": human_bytes(manifest.bytes),
         "duration_seconds": dg.MetadataValue.float(round(manifest.duration_seconds, 3)),
-        "throughput_mib_per_second": dg.MetadataValue.float(round(manifest.bytes / duration / 2**20, 2)),
+        "stored_mib_per_second": dg.MetadataValue.float(round(manifest.bytes / duration / 2**20, 2)),
         "sha256": manifest.sha256 or "",
         "source_version": manifest.source_version,
-        "recovery_point": manifest.recovery_point.isoformat(),
+        "started_at": dg.MetadataValue.timestamp(manifest.started_at.timestamp()),
+        "finished_at": dg.MetadataValue.timestamp(manifest.finished_at.timestamp()),
+        "recovery_point": dg.MetadataValue.timestamp(manifest.recovery_point.timestamp()),
         "encryption": manifest.encryption or "none",
         "artifacts": table(
             [{"name": a.name, "size": human_bytes(a.size), "sha256": a.sha256[:16] + "…", "url": a.url}
@@ -86,25 +92,37 @@ def manifest_metadata(manifest: BackupManifest) -> dict[str, object]:
         ),
         "counts": table([{"what": k, "count": v} for k, v in sorted(manifest.counts.items())]),
     }
+    if manifest.source_bytes is not None:
+        metadata["source_bytes"] = dg.MetadataValue.int(manifest.source_bytes)
+        metadata["source"] = human_bytes(manifest.source_bytes)
+        metadata["read_mib_per_second"] = dg.MetadataValue.float(round(manifest.source_bytes / duration / 2**20, 2))
     if artifacts:
         metadata["artifact_url"] = dg.MetadataValue.url(artifacts[0].url)
     return metadata
 
 
-def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def _backup_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
+    key = backup_key(store.name)
+    retention = store.retention
+
     @dg.asset(
-        key=backup_key(store.name),
+        key=key,
         deps=[layer_key(store.layer)] if store.layer else [],
-        partitions_def=partitions,
         group_name=BACKUPS_GROUP,
         kinds={ENGINE_KIND[store.engine], "s3"},
         owners=[store.owner or spec.platform.owner],
         pool="backup_io",
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=backup_freshness_window(spec, store)),
+        check_specs=[dg.AssetCheckSpec(
+            ARTIFACT_CHECKSUM, asset=key, blocking=True,
+            description="This run's backup, re-read from the store against its manifest (size, sha256), then "
+            "the tool's own verification. Only a verified backup counts for retention and restore tests.",
+        )],
         description=(
-            f"Daily {store.method} backup of the {store.engine} datastore `{store.name}` "
-            f"(schedule `{store.schedule}`, keep {store.retention.daily} daily / "
-            f"{store.retention.weekly} weekly). A failed backup commits nothing: the previous "
-            "one stays the latest."
+            f"One {store.method} backup of the {store.engine} datastore `{store.name}` per run (schedule "
+            f"`{store.schedule}`, RPO {spec.rpo_minutes(store)} min; keep {retention.hourly} hourly / "
+            f"{retention.daily} daily / {retention.weekly} weekly verified backups). A materialization is a "
+            "verified backup: a failed or unverified one materializes nothing, the previous stays the newest."
         ),
         metadata={"engine": store.engine, "method": store.method, "schedule": store.schedule},
     )
@@ -113,43 +131,112 @@ def _backup_asset(spec: Spec, store: Datastore, partitions: dg.PartitionsDefinit
         object_store: ObjectStoreResource,
         kubernetes: KubernetesResource,
         pushgateway: PushgatewayResource,
-    ) -> dg.MaterializeResult:
-        catalog = BackupCatalog(object_store.get_store(), store.name)
-        services = _services(kubernetes, object_store)
-        driver = build_driver(store, services)
-        with tempfile.TemporaryDirectory(prefix=f"ops-backup-{store.name}-") as work_dir:
-            try:
+    ):
+        prefix = f"backup of '{store.name}' failed"
+        environment = get_environment()
+        try:
+            catalog = BackupCatalog(object_store.get_store(), store.name)
+            services = _services(kubernetes, object_store)
+            driver = build_driver(store, services)
+            with tempfile.TemporaryDirectory(prefix=f"ops-backup-{store.name}-") as work_dir:
+                started = datetime.now(UTC)
                 manifest = catalog.run_backup(
-                    driver, store, context.partition_key,
-                    password=services.password(store),
-                    work_dir=Path(work_dir),
+                    driver, store, day_folder(started, spec.platform.timezone),
+                    password=services.password(store), work_dir=Path(work_dir),
                 )
-            except (BackupError, OpsPlatformError) as error:
-                pushed = _push(context, pushgateway, metrics.BACKUP_JOB, store.name, metrics.backup_failed(
-                    store.engine, store.method, get_environment(), datetime.now(UTC)))
-                raise dg.Failure(
-                    f"backup of '{store.name}' failed: {error}",
-                    metadata={"latest_good_backup": _latest_backup_id(catalog), "metrics": pushed},
-                ) from None
-        plan = catalog.prune(store.retention)
-        context.log.info(f"backup {manifest.backup_id} committed; pruned {len(plan.delete)}")
+        except OpsPlatformError as error:
+            pushed = _push(context, pushgateway, metrics.BACKUP_JOB, store.name, metrics.backup_failed(
+                store.engine, store.method, environment, datetime.now(UTC)))
+            yield dg.AssetCheckResult(
+                check_name=ARTIFACT_CHECKSUM, passed=False,
+                description=prefixed(f"no backup was committed: {prefix}", str(error)),
+            )
+            raise failure(prefix, error, {"newest_verified_backup": _newest_verified_id(object_store, store),
+                                          "metrics": pushed}) from None
+
+        problems, checked = _verify(catalog, driver, manifest)
+        check_metadata = {
+            "backup_id": manifest.backup_id,
+            "recovery_point": dg.MetadataValue.timestamp(manifest.recovery_point.timestamp()),
+            "finished_at": dg.MetadataValue.timestamp(manifest.finished_at.timestamp()),
+            "manifest_url": dg.MetadataValue.url(
+                catalog.store.url(catalog.manifest_key(manifest.partition, manifest.backup_id))),
+            "artifacts": len(manifest.artifacts),
+            **checked,
+        }
+        if problems:
+            pushed = _push(context, pushgateway, metrics.BACKUP_JOB, store.name, metrics.backup_failed(
+                store.engine, store.method, environment, datetime.now(UTC)))
+            reason = "; ".join(problems)
+            yield dg.AssetCheckResult(check_name=ARTIFACT_CHECKSUM, passed=False,
+                                      description=f"backup {manifest.backup_id}: {reason}", metadata=check_metadata)
+            raise dg.Failure(
+                f"backup {manifest.backup_id} of '{store.name}' was written but failed its verification ({reason}); "
+                "it is not counted as verified and nothing was pruned",
+                metadata={"newest_verified_backup": _newest_verified_id(object_store, store), "metrics": pushed},
+            )
+        catalog.mark_verified(manifest, checked, datetime.now(UTC))
         pushed = _push(context, pushgateway, metrics.BACKUP_JOB, store.name,
-                       metrics.backup_succeeded(manifest, get_environment()))
-        return dg.MaterializeResult(
+                       metrics.backup_succeeded(manifest, environment))
+        plan = _prune(context, catalog, store, driver, spec.platform.timezone)
+        if plan.pruned:
+            # Earlier materializations link to these objects: say in the UI that they are gone.
+            context.log_event(dg.AssetObservation(asset_key=key, metadata={
+                "pruned": table([{"backup": p.backup_id, "manifest (deleted)": p.manifest_url,
+                                  "engine": p.engine or "-"} for p in plan.pruned]),
+                "pruned_backup_ids": ", ".join(p.backup_id for p in plan.pruned),
+            }))
+        yield dg.MaterializeResult(
             metadata={
                 **manifest_metadata(manifest),
                 "metrics": pushed,
-                "manifest_url": dg.MetadataValue.url(
-                    catalog.store.url(catalog.manifest_key(manifest.partition, manifest.backup_id))
-                ),
-                "retention": table(
-                    [{"backup": m.backup_id, "kept because": plan.reasons[m.backup_id]} for m in plan.keep]
-                    + [{"backup": m.backup_id, "kept because": "pruned"} for m in plan.delete]
-                ),
-            }
+                "manifest_url": check_metadata["manifest_url"],
+                "catalog_url": dg.MetadataValue.url(catalog.store.url(catalog.root.rstrip("/"))),
+                "retention": _retention_table(plan),
+                "retention_errors": "\n".join(plan.errors) or "none",
+            },
+            check_results=[dg.AssetCheckResult(
+                check_name=ARTIFACT_CHECKSUM, passed=True,
+                description=f"backup {manifest.backup_id}: artifacts match the manifest"
+                + (" and the tool's verification passed" if checked else ""),
+                metadata=check_metadata,
+            )],
         )
 
     return _backup
+
+
+def _verify(catalog: BackupCatalog, driver, manifest: BackupManifest) -> tuple[list[str], dict[str, str]]:
+    """Our checksum, then (when it holds) the tool's own verification."""
+    try:
+        problems = catalog.verify_artifacts(manifest)
+        if problems:
+            return problems, {}
+        verification = driver.verify(manifest, catalog.store)
+    except OpsPlatformError as error:
+        return [f"verification could not run: {error}"], {}
+    return list(verification.problems), {k: str(v) for k, v in verification.checked.items()}
+
+
+def _prune(context, catalog: BackupCatalog, store: Datastore, driver, timezone: str) -> RetentionPlan:
+    """Retention after verification; what it cannot delete is a warning, never a failed backup."""
+    try:
+        plan = catalog.prune(store.retention, timezone=timezone, expire=getattr(driver, "expire", None))
+    except OpsPlatformError as error:
+        context.log.warning(f"retention of '{store.name}' did not run: {error}; the backup stays committed")
+        return RetentionPlan([], [], errors=[f"retention did not run: {error}"])
+    for error in plan.errors:
+        context.log.warning(f"retention of '{store.name}': could not prune {error}")
+    context.log.info(f"retention of '{store.name}': pruned {len(plan.pruned)}, kept {len(plan.keep)}")
+    return plan
+
+
+def _retention_table(plan: RetentionPlan) -> dg.MetadataValue:
+    pruned = {p.backup_id for p in plan.pruned}
+    rows = [{"backup": m.backup_id, "kept because": plan.reasons[m.backup_id]} for m in plan.keep]
+    rows += [{"backup": m.backup_id, "kept because": "pruned" if m.backup_id in pruned else "prune failed"}
+             for m in plan.delete]
+    return table(rows)
 
 
 def _push(
@@ -161,72 +248,43 @@ def _push(
     return outcome
 
 
-def _latest_backup_id(catalog: BackupCatalog) -> str:
+def _newest_verified_id(object_store: ObjectStoreResource, store: Datastore) -> str:
     try:
-        latest = catalog.latest()
+        newest = BackupCatalog(object_store.get_store(), store.name).latest_verified()
     except OpsPlatformError as error:
         return f"unknown: {error}"
-    return latest.backup_id if latest else "none"
-
-
-def _checksum_check(store: Datastore) -> dg.AssetChecksDefinition:
-    # Not a partitioned check (a Dagster preview that cannot run on its own): in a backup
-    # run it checks that run's partition, run alone it checks the newest backup.
-    @dg.asset_check(
-        asset=backup_key(store.name),
-        name=ARTIFACT_CHECKSUM,
-        blocking=True,
-        description="Re-reads the backup's artifacts from the store and compares size and sha256 with the "
-        "manifest; then the tool's own verification. A failure blocks downstream work.",
-    )
-    def _check(
-        context: dg.AssetCheckExecutionContext,
-        object_store: ObjectStoreResource,
-        kubernetes: KubernetesResource,
-    ) -> dg.AssetCheckResult:
-        catalog = BackupCatalog(object_store.get_store(), store.name)
-        partition = context.run.tags.get("dagster/partition")
-        try:
-            manifest = catalog.latest_in_partition(partition) if partition else catalog.latest()
-        except ManifestError as error:
-            return dg.AssetCheckResult(passed=False, description=str(error))
-        if manifest is None:
-            garbled = [str(e) for e in catalog.listing().garbled if not partition or f"/{partition}/" in e.url]
-            where = f" in {partition}" if partition else ""
-            return dg.AssetCheckResult(
-                passed=False,
-                description=garbled[0] if garbled else f"no committed backup of '{store.name}'{where}",
-            )
-        problems = catalog.verify_artifacts(manifest)
-        checked: dict[str, object] = {}
-        if not problems:
-            verification = build_driver(store, _services(kubernetes, object_store)).verify(manifest, catalog.store)
-            problems = list(verification.problems)
-            checked = {k: str(v) for k, v in verification.checked.items()}
-        return dg.AssetCheckResult(
-            passed=not problems,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description="; ".join(problems) or f"backup {manifest.backup_id}: artifacts match the manifest",
-            metadata={"backup_id": manifest.backup_id, "artifacts": len(manifest.artifacts), **checked},
-        )
-
-    return _check
+    return newest.backup_id if newest else "none"
 
 
 def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
     assert store.restore_test is not None
+    key = restore_test_key(store.name)
+    rto_minutes, rpo_minutes = spec.rto_minutes(store), spec.rpo_minutes(store)
+    rto_seconds, rpo_seconds = rto_minutes * 60, rpo_minutes * 60
+    interval = timedelta(minutes=max_gap_minutes(store.restore_test.schedule))
 
     @dg.asset(
-        key=restore_test_key(store.name),
+        key=key,
         deps=[backup_key(store.name)],
         group_name=RESTORE_TESTS_GROUP,
         kinds={ENGINE_KIND[store.engine]},
         owners=[store.owner or spec.platform.owner],
         pool="backup_io",
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=interval + RESTORE_TEST_GRACE),
+        check_specs=[
+            dg.AssetCheckSpec(DATA_VERIFIED, asset=key,
+                              description="This run restored the newest verified backup; counts match the "
+                              "manifest and every verification query passed."),
+            dg.AssetCheckSpec(RTO_WITHIN_OBJECTIVE, asset=key,
+                              description=f"This run's measured restore time ≤ RTO ({rto_minutes} min)."),
+            dg.AssetCheckSpec(RPO_WITHIN_OBJECTIVE, asset=key,
+                              description=f"The point this run's restore proved is ≤ RPO ({rpo_minutes} min) "
+                              "older than the test's start."),
+        ],
         description=(
-            f"Restores the latest backup of `{store.name}` into a scratch target, verifies "
-            f"it and measures the restore time against RTO {spec.objectives.rto_minutes} min "
-            f"and the backup age against RPO {spec.objectives.rpo_minutes} min."
+            f"Restores the newest verified backup of `{store.name}` into a scratch target, verifies it and "
+            f"measures the restore time against RTO {rto_minutes} min and the proven recovery point against "
+            f"RPO {rpo_minutes} min. Materializes only when all three hold."
         ),
         metadata={"schedule": store.restore_test.schedule},
     )
@@ -235,25 +293,65 @@ def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
         object_store: ObjectStoreResource,
         kubernetes: KubernetesResource,
         pushgateway: PushgatewayResource,
-    ) -> dg.MaterializeResult:
-        services = _services(kubernetes, object_store)
-        driver = build_driver(store, services)
-        catalog = BackupCatalog(object_store.get_store(), store.name)
-        with tempfile.TemporaryDirectory(prefix=f"ops-restore-{store.name}-") as work_dir:
-            try:
-                result = run_restore_test(
-                    store, driver, catalog, Path(work_dir),
-                    current_recovery_point=current_recovery_point(driver, store, services),
-                )
-            except OpsPlatformError as error:  # refused, failed restore, store or manifest problem
-                pushed = _push(context, pushgateway, metrics.RESTORE_TEST_JOB, store.name,
-                               metrics.restore_test_failed(get_environment(), datetime.now(UTC)))
-                raise dg.Failure(str(error), metadata={"metrics": pushed}) from None
+    ):
+        environment = get_environment()
+        prefix = f"restore test of '{store.name}'"
+        try:
+            services = _services(kubernetes, object_store)
+            driver = build_driver(store, services)
+            catalog = BackupCatalog(object_store.get_store(), store.name)
+            with tempfile.TemporaryDirectory(prefix=f"ops-restore-{store.name}-") as work_dir:
+                result = run_restore_test(store, driver, catalog, Path(work_dir))
+        except OpsPlatformError as error:  # refused, failed restore, store or manifest problem
+            pushed = _push(context, pushgateway, metrics.RESTORE_TEST_JOB, store.name,
+                           metrics.restore_test_failed(environment, datetime.now(UTC)))
+            reason = prefixed(prefix, str(error))
+            for name in RESTORE_TEST_CHECKS:
+                yield dg.AssetCheckResult(check_name=name, passed=False, description=f"not proven: {reason}")
+            raise failure(prefix, error, {"metrics": pushed}) from None
+
         pushed = _push(context, pushgateway, metrics.RESTORE_TEST_JOB, store.name, metrics.restore_test_finished(
-            result, get_environment(), spec.objectives.rto_minutes * 60, datetime.now(UTC)))
-        return dg.MaterializeResult(metadata={**restore_test_metadata(result), "metrics": pushed})
+            result, environment, rto_seconds, datetime.now(UTC), rpo_seconds))
+        checks = restore_test_checks(result, rto_seconds, rpo_seconds)
+        metadata = {**restore_test_metadata(result), "metrics": pushed}
+        failed = [check for check in checks if not check.passed]
+        if failed:
+            for check in checks:
+                yield check
+            raise dg.Failure(
+                f"{prefix} failed: " + "; ".join(check.description or check.check_name for check in failed),
+                metadata=metadata,
+            )
+        yield dg.MaterializeResult(metadata=metadata, check_results=checks)
 
     return _restore_test
+
+
+def restore_test_checks(result: RestoreTestResult, rto_seconds: int, rpo_seconds: int) -> list[dg.AssetCheckResult]:
+    """The three verdicts of one restore test, from its own measurements."""
+    point = dg.MetadataValue.timestamp(result.recovery_point.timestamp())
+    return [
+        dg.AssetCheckResult(
+            check_name=DATA_VERIFIED, passed=result.verified,
+            description=(f"backup {result.backup_id}: restored data matches the backup" if result.verified
+                         else f"backup {result.backup_id}: " + "; ".join(result.problems)),
+            metadata={"backup_id": result.backup_id, "target": result.target},
+        ),
+        dg.AssetCheckResult(
+            check_name=RTO_WITHIN_OBJECTIVE, passed=result.restore_seconds <= rto_seconds,
+            description=f"backup {result.backup_id} restored and verified in {result.restore_seconds:.1f} s "
+            f"(RTO {rto_seconds} s)",
+            metadata={"backup_id": result.backup_id, "restore_seconds": round(result.restore_seconds, 3),
+                      "rto_seconds": rto_seconds},
+        ),
+        dg.AssetCheckResult(
+            check_name=RPO_WITHIN_OBJECTIVE, passed=result.backup_age_seconds <= rpo_seconds,
+            description=f"the restore proved {result.recovery_point.isoformat()}, "
+            f"{result.backup_age_seconds / 60:.1f} min before the test started (RPO {rpo_seconds // 60} min)",
+            metadata={"backup_id": result.backup_id, "recovery_point": point,
+                      "data_loss_seconds": round(result.backup_age_seconds, 1), "rpo_seconds": rpo_seconds},
+        ),
+    ]
 
 
 def restore_test_metadata(result: RestoreTestResult) -> dict[str, object]:
@@ -262,63 +360,10 @@ def restore_test_metadata(result: RestoreTestResult) -> dict[str, object]:
         "target": result.target,
         "restore_seconds": dg.MetadataValue.float(round(result.restore_seconds, 3)),
         "total_seconds": dg.MetadataValue.float(round(result.total_seconds, 3)),
-        "recovery_point": result.recovery_point.isoformat(),
-        "backup_age_seconds": dg.MetadataValue.float(round(result.backup_age_seconds, 1)),
+        "recovery_point": dg.MetadataValue.timestamp(result.recovery_point.timestamp()),
+        "data_loss_seconds": dg.MetadataValue.float(round(result.backup_age_seconds, 1)),
         "verified": result.verified,
         "problems": "\n".join(result.problems) or "none",
         "counts": table(result_rows(result)),
         "queries": table([{"query": q.query, "value": q.value, "ok": q.ok} for q in result.queries]),
     }
-
-
-def _latest_metadata(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> dict:
-    event = context.instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
-        return {}
-    return {name: value.value for name, value in event.asset_materialization.metadata.items()}
-
-
-def _restore_test_checks(spec: Spec, store: Datastore) -> list[dg.AssetChecksDefinition]:
-    key = restore_test_key(store.name)
-    rto_seconds = spec.objectives.rto_minutes * 60
-    rpo_seconds = spec.objectives.rpo_minutes * 60
-
-    @dg.asset_check(asset=key, name=RTO_WITHIN_OBJECTIVE,
-                    description=f"Measured restore time ≤ RTO ({spec.objectives.rto_minutes} min).")
-    def _rto(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        seconds = _latest_metadata(context, key).get("restore_seconds")
-        if seconds is None:
-            return dg.AssetCheckResult(passed=False, description="no restore test has been recorded")
-        return dg.AssetCheckResult(
-            passed=seconds <= rto_seconds,
-            description=f"restored and verified in {seconds:.1f} s (RTO {rto_seconds} s)",
-            metadata={"restore_seconds": seconds, "rto_seconds": rto_seconds},
-        )
-
-    @dg.asset_check(asset=key, name=RPO_WITHIN_OBJECTIVE,
-                    description=f"Age of the newest restorable point ≤ RPO ({spec.objectives.rpo_minutes} min).")
-    def _rpo(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        metadata = _latest_metadata(context, key)
-        if "recovery_point" not in metadata:
-            return dg.AssetCheckResult(passed=False, description="no restore test has been recorded")
-        recovery_point = datetime.fromisoformat(metadata["recovery_point"])
-        age = (datetime.now(UTC) - recovery_point).total_seconds()
-        return dg.AssetCheckResult(
-            passed=age <= rpo_seconds,
-            description=f"newest restorable point {recovery_point.isoformat()} is {age / 60:.1f} min old "
-            f"(RPO {spec.objectives.rpo_minutes} min)",
-            metadata={"backup_age_seconds": round(age, 1), "rpo_seconds": rpo_seconds},
-        )
-
-    @dg.asset_check(asset=key, name=DATA_VERIFIED,
-                    description="Counts match the manifest and every verification query passed.")
-    def _verified(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        metadata = _latest_metadata(context, key)
-        if "verified" not in metadata:
-            return dg.AssetCheckResult(passed=False, description="no restore test has been recorded")
-        return dg.AssetCheckResult(
-            passed=bool(metadata["verified"]),
-            description="restored data matches the backup" if metadata["verified"] else metadata["problems"],
-        )
-
-    return [_rto, _rpo, _verified]

@@ -10,12 +10,15 @@ the latest, and its leftovers are removed by the driver or, later, by
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 from ops_platform.backups.base import (
     BackupDriver,
@@ -40,6 +43,9 @@ BACKUPS_PREFIX = "backups"
 ORPHAN_AGE = timedelta(days=1)
 
 
+VERIFIED_NAME = "verified.json"
+
+
 def new_backup_id(now: datetime) -> str:
     """Sorts in time order: ``20261122T020000Z-3f9a1c``."""
     return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -50,6 +56,17 @@ class CatalogListing:
     manifests: list[BackupManifest]  # newest first
     garbled: list[ManifestError]
     orphans: list[str]  # backup prefixes with artifacts and no manifest
+    verified: frozenset[str] = frozenset()  # backup ids with a verification marker
+
+    def newest_verified(self) -> BackupManifest | None:
+        return next((m for m in self.manifests if m.backup_id in self.verified), None)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    backup_id: str
+    manifest_url: str
+    engine: str = ""  # what the driver's expire removed in the engine, if anything
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,8 @@ class RetentionPlan:
     keep: list[BackupManifest]
     delete: list[BackupManifest]
     reasons: dict[str, str] = field(default_factory=dict)  # backup_id -> why kept
+    pruned: list[Pruned] = field(default_factory=list)  # what prune actually deleted
+    errors: list[str] = field(default_factory=list)  # what prune could not delete, and why
 
 
 class BackupCatalog:
@@ -72,6 +91,22 @@ class BackupCatalog:
 
     def manifest_key(self, partition: str, backup_id: str) -> str:
         return f"{self.prefix(partition, backup_id)}{MANIFEST_NAME}"
+
+    def verified_key(self, manifest: BackupManifest) -> str:
+        return f"{self.prefix(manifest.partition, manifest.backup_id)}{VERIFIED_NAME}"
+
+    def mark_verified(self, manifest: BackupManifest, checked: dict[str, Any], verified_at: datetime) -> str:
+        """Record that ``manifest``'s backup passed its checksum and the tool's own verification.
+
+        Written after the manifest: only a verified backup counts towards
+        retention and is restored by restore tests. Returns the marker's URL.
+        """
+        key = self.verified_key(manifest)
+        body = {"backup_id": manifest.backup_id, "verified_at": verified_at.astimezone(UTC).isoformat(),
+                "checked": {name: str(value) for name, value in checked.items()}}
+        self.store.put_bytes(key, json.dumps(body, indent=2, sort_keys=True).encode(),
+                             content_type="application/json")
+        return self.store.url(key)
 
     def run_backup(
         self,
@@ -145,6 +180,7 @@ class BackupCatalog:
         garbled: list[ManifestError] = []
         prefixes: set[str] = set()
         committed: set[str] = set()
+        verified: set[str] = set()
         for stored in self.store.list(self.root):
             relative = stored.key[len(self.root):]
             parts = relative.split("/")
@@ -152,6 +188,8 @@ class BackupCatalog:
                 continue
             backup_prefix = f"{self.root}{parts[0]}/{parts[1]}/"
             prefixes.add(backup_prefix)
+            if parts[2] == VERIFIED_NAME and len(parts) == 3:
+                verified.add(parts[1])
             if parts[2] != MANIFEST_NAME or len(parts) != 3:
                 continue
             committed.add(backup_prefix)
@@ -160,7 +198,8 @@ class BackupCatalog:
             except ManifestError as error:
                 garbled.append(error)
         manifests.sort(key=lambda m: (m.finished_at, m.backup_id), reverse=True)
-        return CatalogListing(manifests, garbled, sorted(prefixes - committed))
+        committed_ids = {m.backup_id for m in manifests}
+        return CatalogListing(manifests, garbled, sorted(prefixes - committed), frozenset(verified & committed_ids))
 
     def read_manifest(self, key: str) -> BackupManifest:
         url = self.store.url(key)
@@ -178,11 +217,9 @@ class BackupCatalog:
         listing = self.listing()
         return listing.manifests[0] if listing.manifests else None
 
-    def latest_in_partition(self, partition: str) -> BackupManifest | None:
-        for manifest in self.listing().manifests:
-            if manifest.partition == partition:
-                return manifest
-        return None
+    def latest_verified(self) -> BackupManifest | None:
+        """The newest backup that passed its verification: what restore tests restore."""
+        return self.listing().newest_verified()
 
     def verify_artifacts(self, manifest: BackupManifest) -> list[str]:
         """Re-read every artifact from the store and compare size and sha256 with the manifest."""
@@ -204,45 +241,105 @@ class BackupCatalog:
                 )
         return problems
 
-    def plan_retention(self, retention: Retention, manifests: Iterable[BackupManifest]) -> RetentionPlan:
-        """Keep the newest backup, the newest of each of the last ``daily`` days and of the last ``weekly`` weeks."""
+    def plan_retention(
+        self, retention: Retention, manifests: Iterable[BackupManifest], verified: Iterable[str],
+        *, timezone: str = "UTC", now: datetime | None = None,
+    ) -> RetentionPlan:
+        """What to keep: only verified backups count towards retention.
+
+        Kept: the newest verified backup, always; the newest verified backup of
+        each of the last ``hourly`` hours, ``daily`` days and ``weekly`` weeks
+        that have one (bucketed in ``timezone``); an unverified backup newer than
+        the newest verified one (it may be under verification, or failed it and
+        awaits a person) until it is ``ORPHAN_AGE`` old. Everything else goes.
+        """
+        zone = ZoneInfo(timezone)
+        now = now or datetime.now(UTC)
+        verified = set(verified)
         ordered = sorted(manifests, key=lambda m: (m.finished_at, m.backup_id), reverse=True)
+        good = [m for m in ordered if m.backup_id in verified]
         reasons: dict[str, str] = {}
-        if ordered:
-            reasons[ordered[0].backup_id] = "newest"
-        days: list[date] = []
-        weeks: list[tuple[int, int]] = []
+        if good:
+            reasons[good[0].backup_id] = "newest verified"
+        buckets: dict[str, list[object]] = {"hourly": [], "daily": [], "weekly": []}
+        limits = {"hourly": retention.hourly, "daily": retention.daily, "weekly": retention.weekly}
+        for manifest in good:
+            local = manifest.recovery_point.astimezone(zone)
+            keys = {
+                "hourly": (local.date(), local.hour),
+                "daily": local.date(),
+                "weekly": tuple(local.isocalendar())[:2],
+            }
+            for kind, bucket in keys.items():
+                seen = buckets[kind]
+                if bucket not in seen and len(seen) < limits[kind]:
+                    seen.append(bucket)
+                    reasons.setdefault(manifest.backup_id, f"{kind} {_bucket_label(kind, bucket)}")
+        newest_good_at = good[0].finished_at if good else None
         for manifest in ordered:
-            day = manifest.recovery_point.date()
-            if day not in days and len(days) < retention.daily:
-                days.append(day)
-                reasons.setdefault(manifest.backup_id, f"daily {day.isoformat()}")
-            week = tuple(manifest.recovery_point.isocalendar())[:2]
-            if week not in weeks and len(weeks) < retention.weekly:
-                weeks.append(week)  # type: ignore[arg-type]
-                reasons.setdefault(manifest.backup_id, f"weekly {week[0]}-W{week[1]:02d}")
+            if manifest.backup_id in verified:
+                continue
+            if (newest_good_at is None or manifest.finished_at > newest_good_at) and \
+                    now - manifest.finished_at <= ORPHAN_AGE:
+                reasons.setdefault(manifest.backup_id, "not verified (newer than the newest verified)")
         keep = [m for m in ordered if m.backup_id in reasons]
         delete = [m for m in ordered if m.backup_id not in reasons]
         return RetentionPlan(keep, delete, reasons)
 
-    def prune(self, retention: Retention, *, now: datetime | None = None) -> RetentionPlan:
-        """Apply retention. Garbled manifests are never deleted: a person must look at them."""
-        listing = self.listing()
-        plan = self.plan_retention(retention, listing.manifests)
-        for manifest in plan.delete:
-            # The manifest goes first: a half-deleted backup is then uncommitted, never broken.
-            self.store.delete(self.manifest_key(manifest.partition, manifest.backup_id))
-            self._discard(self.prefix(manifest.partition, manifest.backup_id))
+    def prune(
+        self, retention: Retention, *, timezone: str = "UTC", now: datetime | None = None,
+        expire: Callable[[BackupManifest, ObjectStore], str] | None = None,
+    ) -> RetentionPlan:
+        """Apply retention; never raises for what it cannot delete, it reports it in ``errors``.
+
+        ``expire`` (the driver's) removes what the engine keeps of a dropped
+        backup first; when it fails, our records of that backup stay, so the
+        catalog never forgets something the engine still holds. Garbled
+        manifests are never deleted: a person must look at them.
+        """
         now = now or datetime.now(UTC)
+        listing = self.listing()
+        plan = self.plan_retention(retention, listing.manifests, listing.verified, timezone=timezone, now=now)
+        for manifest in plan.delete:
+            manifest_key = self.manifest_key(manifest.partition, manifest.backup_id)
+            engine = ""
+            try:
+                if expire is not None:
+                    engine = expire(manifest, self.store)
+                # The manifest goes first: a half-deleted backup is then uncommitted, never broken.
+                self.store.delete(manifest_key)
+                self._discard(self.prefix(manifest.partition, manifest.backup_id))
+            except Exception as error:  # Object Lock, no DeleteObject, the engine refusing: report, go on
+                plan.errors.append(f"backup {manifest.backup_id}: {error}")
+                continue
+            plan.pruned.append(Pruned(manifest.backup_id, self.store.url(manifest_key), engine))
         for orphan in listing.orphans:
             written = backup_time_of(orphan)
             if written is not None and now - written > ORPHAN_AGE:
-                self._discard(orphan)
+                try:
+                    self._discard(orphan)
+                except Exception as error:
+                    plan.errors.append(f"leftovers {orphan}: {error}")
         return plan
 
     def _discard(self, prefix: str) -> None:
         for stored in list(self.store.list(prefix)):
             self.store.delete(stored.key)
+
+
+def _bucket_label(kind: str, bucket: object) -> str:
+    if kind == "hourly":
+        day, hour = bucket  # type: ignore[misc]
+        return f"{day.isoformat()} {hour:02d}h"
+    if kind == "weekly":
+        year, week = bucket  # type: ignore[misc]
+        return f"{year}-W{week:02d}"
+    return bucket.isoformat()  # type: ignore[attr-defined]
+
+
+def day_folder(started_at: datetime, timezone: str) -> str:
+    """The folder a backup is filed under: the day it started, in the platform's timezone."""
+    return started_at.astimezone(ZoneInfo(timezone)).date().isoformat()
 
 
 def backup_time_of(prefix: str) -> datetime | None:

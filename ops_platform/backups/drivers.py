@@ -96,17 +96,6 @@ def build_driver(datastore: Datastore, services: DriverServices) -> BackupDriver
     raise AssertionError(f"the spec admitted {engine}/{method}, which has no driver")
 
 
-def current_recovery_point(
-    driver: BackupDriver, datastore: Datastore, services: DriverServices
-) -> Callable[[Any], Any] | None:
-    """The newest restorable point now, for drivers that know better than the manifest (WAL archive)."""
-    recovery_point = getattr(driver, "recovery_point", None)
-    if recovery_point is None:
-        return None
-    password = _optional(services.password, datastore)
-    return lambda manifest: recovery_point(datastore, password).at
-
-
 def _optional(getter: Callable[[Datastore], str | None], datastore: Datastore) -> str | None:
     try:
         return getter(datastore)

@@ -51,10 +51,11 @@ def _backup_labels(engine: str, method: str, environment: str) -> dict[str, str]
 
 
 def restore_test_finished(result: RestoreTestResult, environment: str, rto_seconds: float,
-                          at: datetime) -> list[Sample]:
-    """``passed`` is 1 when the data was verified and restored within the RTO."""
+                          at: datetime, rpo_seconds: float | None = None) -> list[Sample]:
+    """``passed`` is 1 when the data was verified, restored within the RTO and the proven point within the RPO."""
     labels = {"environment": environment}
-    passed = result.verified and result.restore_seconds <= rto_seconds
+    passed = result.verified and result.restore_seconds <= rto_seconds and (
+        rpo_seconds is None or result.backup_age_seconds <= rpo_seconds)
     return [
         *_restore_test_outcome(passed, at, labels),
         Sample("ops_platform_restore_test_restore_seconds", result.restore_seconds, labels,

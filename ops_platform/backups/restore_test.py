@@ -1,6 +1,6 @@
-"""A restore test: prove the latest backup restores, with its data, within RTO.
+"""A restore test: prove the newest verified backup restores, with its data, within RTO and RPO.
 
-Fetch the newest committed backup, check its artifacts against the manifest,
+Fetch the newest verified backup, check its artifacts against the manifest again,
 refuse a target that is the source, restore into the scratch target, compare
 counts with the manifest, run the spec's verification queries, clean up, and
 measure. Plain Python; the Dagster asset only records the result.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ops_platform.backups.base import BackupDriver, QueryResult, RestoreRefused, Verification
-from ops_platform.backups.catalog import BackupCatalog, backup_time_of
+from ops_platform.backups.catalog import BackupCatalog
 from ops_platform.backups.manifest import BackupManifest
 from ops_platform.backups.restore_target import same_server
 from ops_platform.spec import Connection, Datastore
@@ -30,8 +30,8 @@ class RestoreTestResult:
     target: str
     restore_seconds: float  # restore + verification, until the data was proven usable
     total_seconds: float  # including cleanup
-    recovery_point: datetime
-    backup_age_seconds: float  # now - recovery point: the data loss if disaster struck now
+    recovery_point: datetime  # the newest point the restore proved (PITR target, else the backup's)
+    backup_age_seconds: float  # test start - proven recovery point: the data loss had disaster struck then
     expected_counts: dict[str, int]
     observed_counts: dict[str, int]
     queries: list[QueryResult]
@@ -63,12 +63,21 @@ def target_is_source(source: Connection, target: Connection, rename_prefix: str 
     return None
 
 
-def compare_counts(expected: dict[str, int], observed: dict[str, int], tolerance: float = 0.0) -> list[str]:
+def compare_counts(
+    expected: dict[str, int], observed: dict[str, int], tolerance: float = 0.0, *, replayed: bool = False
+) -> list[str]:
+    """Counts after the restore against the backup's.
+
+    ``replayed``: the restore replayed changes past the backup (point-in-time
+    recovery), so more than the backup held is expected; fewer is data loss.
+    """
     problems = []
     for key, want in sorted(expected.items()):
         got = observed.get(key)
         if got is None:
             problems.append(f"{key}: missing after restore (backup had {want})")
+        elif replayed and got >= want * (1 - tolerance):
+            continue
         elif abs(got - want) > tolerance * max(want, 1):
             problems.append(f"{key}: {got} after restore, backup had {want}")
     return problems
@@ -82,14 +91,14 @@ def run_restore_test(
     *,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     monotonic: Callable[[], float] = time.monotonic,
-    current_recovery_point: Callable[[BackupManifest], datetime] | None = None,
 ) -> RestoreTestResult:
-    """Restore the latest backup of ``datastore`` into its restore-test target and verify it.
+    """Restore the newest verified backup of ``datastore`` into its restore-test target and verify it.
 
     Raises :class:`RestoreRefused` before anything is written when there is no
-    usable backup or the target is the source; a failed restore raises the
-    driver's error after its cleanup.
+    verified backup, it no longer matches its checksum, or the target is the
+    source; a failed restore raises the driver's error after its cleanup.
     """
+    test_started_at = now()
     restore_test = datastore.restore_test
     if restore_test is None:
         raise RestoreRefused(f"datastore '{datastore.name}' has no restore_test in the platform spec")
@@ -99,7 +108,7 @@ def run_restore_test(
             f"restore test of '{datastore.name}' refused before writing anything: {reason} "
             "(check restore_test.target in the platform spec)"
         )
-    manifest = _latest_usable(catalog, datastore.name)
+    manifest = _newest_verified(catalog, datastore.name)
     problems = catalog.verify_artifacts(manifest)
     if problems:
         raise RestoreRefused(
@@ -123,12 +132,13 @@ def run_restore_test(
         queries = restored.run_queries(queries_to_run)
         restore_seconds = monotonic() - started
         target = restored.description
+        proven = getattr(restored, "recovery_point", None)
     total_seconds = monotonic() - started
 
+    recovery_point = proven or manifest.recovery_point
     tolerance = float(manifest.restore.get("counts_tolerance", 0.0))
-    found = compare_counts(manifest.counts, observed, tolerance)
+    found = compare_counts(manifest.counts, observed, tolerance, replayed=recovery_point > manifest.recovery_point)
     found += [f"query {q.query!r} failed: {q.error or q.value}" for q in queries if not q.ok]
-    recovery_point = current_recovery_point(manifest) if current_recovery_point else manifest.recovery_point
     return RestoreTestResult(
         datastore=datastore.name,
         backup_id=manifest.backup_id,
@@ -137,7 +147,7 @@ def run_restore_test(
         restore_seconds=restore_seconds,
         total_seconds=total_seconds,
         recovery_point=recovery_point,
-        backup_age_seconds=(now() - recovery_point).total_seconds(),
+        backup_age_seconds=(test_started_at - recovery_point).total_seconds(),
         expected_counts=dict(manifest.counts),
         observed_counts=observed,
         queries=queries,
@@ -145,28 +155,15 @@ def run_restore_test(
     )
 
 
-def _latest_usable(catalog: BackupCatalog, name: str) -> BackupManifest:
+def _newest_verified(catalog: BackupCatalog, name: str) -> BackupManifest:
     listing = catalog.listing()
-    if not listing.manifests and not listing.garbled:
-        raise RestoreRefused(f"no committed backup of '{name}' to restore (materialize backups/{name} first)")
-    newest_good = listing.manifests[0] if listing.manifests else None
-    newer_garbled = [
-        error for error in listing.garbled
-        if newest_good is None or _garbled_is_newer(error.url, newest_good)
-    ]
-    if newer_garbled:
-        raise RestoreRefused(
-            f"the newest backup of '{name}' cannot be read: {newer_garbled[0]}; "
-            "nothing was restored or deleted (inspect or remove that manifest)"
-        )
-    assert newest_good is not None
-    return newest_good
-
-
-def _garbled_is_newer(url: str, manifest: BackupManifest) -> bool:
-    prefix = url.rsplit("/", 1)[0] + "/"
-    when = backup_time_of(prefix)
-    return when is None or when >= manifest.started_at.replace(microsecond=0)
+    newest = listing.newest_verified()
+    if newest is None:
+        unverified = len(listing.manifests) + len(listing.garbled)
+        detail = (f"{unverified} backup(s) exist but none passed its verification" if unverified
+                  else f"materialize backups/{name} first")
+        raise RestoreRefused(f"no verified backup of '{name}' to restore ({detail}); nothing was restored")
+    return newest
 
 
 def result_rows(result: RestoreTestResult) -> list[dict[str, Any]]:

@@ -1,8 +1,7 @@
-"""Backups (daily at the datastore's cron), volume snapshots (every 6 h) and weekly restore tests."""
+"""Backups (at the datastore's cron, often enough for its RPO), volume snapshots and weekly restore tests."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import TYPE_CHECKING
 
 import dagster as dg
@@ -12,11 +11,6 @@ from ops_platform.spec import Datastore, Spec
 
 if TYPE_CHECKING:
     from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
-
-
-def partition_for(scheduled: datetime) -> str:
-    """A backup taken on day D belongs to partition D (in the schedule's timezone)."""
-    return scheduled.date().isoformat()
 
 
 def backup_job_name(datastore: str) -> str:
@@ -64,20 +58,10 @@ def build_schedules(spec: Spec, backup_jobs: list[UnresolvedAssetJobDefinition])
 
 
 def _backup_schedule(store: Datastore, job: UnresolvedAssetJobDefinition, timezone: str) -> dg.ScheduleDefinition:
-    @dg.schedule(
+    return dg.ScheduleDefinition(
         name=f"backup_{store.name}_schedule",
         cron_schedule=store.schedule,
         execution_timezone=timezone,
         job=job,
-        description=f"Back up {store.name} at `{store.schedule}` ({timezone}) into that day's partition.",
+        description=f"Back up {store.name} at `{store.schedule}` ({timezone}).",
     )
-    def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-        scheduled = context.scheduled_execution_time
-        partition = partition_for(scheduled)
-        return dg.RunRequest(
-            run_key=f"{store.name}-{scheduled.isoformat()}",
-            partition_key=partition,
-            tags={"ops_platform/scheduled_for": scheduled.isoformat()},
-        )
-
-    return _schedule

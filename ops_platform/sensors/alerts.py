@@ -5,11 +5,10 @@ starts `playbook_<name>` with the alert's labels; one firing episode triggers on
 (run key = fingerprint + startsAt), a target rests for its cooldown, and at most
 ``max_concurrent_remediations`` run at once. While a playbook runs, its alert is
 silenced in Alertmanager; the silence is expired when it ends. `rerun_backup`
-materializes the backup asset's partition of today instead.
+runs the datastore's backup job instead (a new backup, taken now).
 """
 
 from datetime import UTC, datetime, timedelta
-from zoneinfo import ZoneInfo
 
 import dagster as dg
 
@@ -173,14 +172,13 @@ def _run_request(spec: Spec, request: RemediationRequest, now: datetime) -> dg.R
     tags = {RUN_KEY_TAG: request.run_key, "ops_platform/alertname": request.alertname,
             "ops_platform/playbook": request.playbook}
     if request.playbook == "rerun_backup":
-        partition = now.astimezone(ZoneInfo(spec.platform.timezone)).date().isoformat()
         try:
             result = run_playbook("rerun_backup", PlaybookContext(None, dry_run=True), request.labels,
-                                  datastores=[store.name for store in spec.datastores], partition=partition)
+                                  datastores=[store.name for store in spec.datastores])
         except PlaybookRefused:
             return None
         return dg.RunRequest(run_key=request.run_key, job_name=backup_job_name(result.after["asset_key"][-1]),
-                             partition_key=result.after["partition"], tags=tags)
+                             tags=tags)
     return dg.RunRequest(
         run_key=request.run_key,
         job_name=playbook_job_name(request.playbook),
