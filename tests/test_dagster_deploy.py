@@ -20,7 +20,6 @@ import ast
 import functools
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -3,7 +3,6 @@ with its metadata; a failed volume fails the run with the table attached."""
 
 import dagster as dg
 
-from ops_platform.assets.keys import snapshot_key
 from ops_platform.assets.snapshots import build_snapshot_assets
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.resources.object_store import ObjectStoreResource

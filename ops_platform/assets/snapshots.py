@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
+from ops_platform.assets.failures import known_errors
 from ops_platform.assets.keys import SNAPSHOTS_GROUP, layer_key, snapshot_key
 from ops_platform.environment import dry_run_requested
 from ops_platform.metadata import table
@@ -59,18 +60,20 @@ def _snapshot_asset(spec: Spec, group: VolumeGroup, deps: list[dg.AssetKey]) -> 
         object_store: ObjectStoreResource,
     ) -> dg.MaterializeResult:
         dry_run = dry_run_requested(config.dry_run)
-        ec2 = None
-        if group.ebs_volume_tags:
-            ec2 = aws_client(
-                "ec2",
-                region=object_store.region,
-                endpoint_url=object_store.endpoint_url,
-                needed_for=f"EBS snapshots of volume group '{group.name}'",
-            )
+        with known_errors(f"snapshots of '{group.name}'"):
+            kube = kubernetes.get_client()
+            ec2 = None
+            if group.ebs_volume_tags:
+                ec2 = aws_client(
+                    "ec2",
+                    region=object_store.region,
+                    endpoint_url=object_store.endpoint_url,
+                    needed_for=f"EBS snapshots of volume group '{group.name}'",
+                )
         try:
             result = snapshot_volume_group(
                 group,
-                kubernetes.get_client(),
+                kube,
                 ec2,
                 snapshot_class=group.snapshot_class,
                 run_id=context.run.run_id,
