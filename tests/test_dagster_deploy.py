@@ -275,14 +275,18 @@ def test_concurrency_pools_match_the_assets(values: dict[str, Any]) -> None:
     job = next(obj for obj in values["extraManifests"] if obj["kind"] == "Job")
     command = " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
     pools = {pool: int(limit) for pool, limit in re.findall(r"concurrency set ([a-z_]+) ([0-9]+)", command)}
-    assert pools == {"backup_io": 2, "kube_api": 4}
+    assert pools == {"kube_api": 4}
     used = set(re.findall(r"pool=\"([a-z_]+)\"", "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))))
-    assert used and used <= set(pools), f"pools used by assets without a limit: {used - set(pools)}"
-    run_limits = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
-    assert {limit["value"]: limit["limit"] for limit in run_limits} == pools
+    assert used <= set(pools), f"pools used by assets without a limit: {used - set(pools)}"
+    # Every other pool (datastore-<name>) takes the default limit: one operation per target.
+    assert values["concurrency"]["pools"]["defaultLimit"] == 1
     instance = yaml.safe_load((DAGSTER_DIR / "dagster.yaml").read_text())
+    assert instance["concurrency"]["pools"]["default_limit"] == 1
+    run_limits = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
     instance_limits = instance["run_coordinator"]["config"]["tag_concurrency_limits"]
-    assert {limit["value"]: limit["limit"] for limit in instance_limits} == pools
+    expected = {"backup_io": 2, "kube_api": 4}
+    assert {limit["value"]: limit["limit"] for limit in run_limits} == expected
+    assert {limit["value"]: limit["limit"] for limit in instance_limits} == expected
 
 
 def test_objects_in_the_helm_values_are_valid(values: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from ops_platform.assets.keys import (
     BACKUPS_GROUP,
     RESTORE_TESTS_GROUP,
     backup_key,
+    datastore_pool,
     layer_key,
     restore_test_key,
 )
@@ -111,7 +112,7 @@ def _backup_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
         group_name=BACKUPS_GROUP,
         kinds={ENGINE_KIND[store.engine], "s3"},
         owners=[store.owner or spec.platform.owner],
-        pool="backup_io",
+        pool=datastore_pool(store.name),
         freshness_policy=dg.FreshnessPolicy.time_window(fail_window=backup_freshness_window(spec, store)),
         check_specs=[dg.AssetCheckSpec(
             ARTIFACT_CHECKSUM, asset=key, blocking=True,
@@ -269,7 +270,7 @@ def _restore_test_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
         group_name=RESTORE_TESTS_GROUP,
         kinds={ENGINE_KIND[store.engine]},
         owners=[store.owner or spec.platform.owner],
-        pool="backup_io",
+        pool=datastore_pool(store.name),
         freshness_policy=dg.FreshnessPolicy.time_window(fail_window=interval + RESTORE_TEST_GRACE),
         check_specs=[
             dg.AssetCheckSpec(DATA_VERIFIED, asset=key,

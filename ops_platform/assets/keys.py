@@ -31,6 +31,21 @@ def release_key(service: str, environment: str) -> dg.AssetKey:
     return dg.AssetKey(["apps", service, environment])
 
 
+# Run tag of the jobs and schedules that read and write datastores; the instance's run queue limits
+# how many such runs go at once (infra/dagster/dagster.yaml, tag_concurrency_limits).
+IO_POOL_TAG = "ops-platform/pool"
+BACKUP_IO = "backup_io"
+
+
+def datastore_pool(datastore: str) -> str:
+    """The op-level pool of every operation on one datastore: backup, restore test, rerun_backup.
+
+    Pools are enforced for every run, manual launches included; the instance's
+    ``concurrency.pools.default_limit: 1`` makes it one operation per datastore at a time.
+    """
+    return f"datastore-{datastore}"
+
+
 def connection_resource_key(datastore: str) -> str:
     """Resource key of a datastore's connection (PostgreSQL and Redis)."""
     return f"{datastore}_connection"

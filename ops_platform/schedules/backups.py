@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from ops_platform.assets.keys import backup_key, restore_test_key, snapshot_key
+from ops_platform.assets.keys import BACKUP_IO, IO_POOL_TAG, backup_key, restore_test_key, snapshot_key
 from ops_platform.spec import Datastore, Spec
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ def build_backup_jobs(spec: Spec) -> list[UnresolvedAssetJobDefinition]:
             backup_job_name(store.name),
             selection=dg.AssetSelection.assets(backup_key(store.name)),
             description=f"Back up {store.name} ({store.engine}, {store.method}).",
+            tags={IO_POOL_TAG: BACKUP_IO},
         )
         for store in spec.datastores
     ]
@@ -42,6 +43,7 @@ def build_schedules(spec: Spec, backup_jobs: list[UnresolvedAssetJobDefinition])
                     execution_timezone=timezone,
                     target=dg.AssetSelection.assets(restore_test_key(store.name)),
                     description=f"Weekly restore test of {store.name}.",
+                    tags={IO_POOL_TAG: BACKUP_IO},
                 )
             )
     for group in spec.volumes:
