@@ -39,12 +39,12 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
         ],
         jobs=[*backup_jobs, *playbook_jobs],
         sensors=[
-            *image_tag_sensors.build_image_tag_sensor(spec),
-            *alert_sensors.build_alert_sensor(spec, playbook_jobs, backup_jobs),
+            *image_tag_sensors.build_image_tag_sensor(spec, environment),
+            *alert_sensors.build_alert_sensor(spec, playbook_jobs, backup_jobs, environment),
             *run_failure_sensors.build_run_failure_sensor(),
         ],
         schedules=[
-            *backup_schedules.build_schedules(spec, backup_jobs),
+            *backup_schedules.build_schedules(spec, backup_jobs, environment),
             *report_schedules.build_report_schedules(spec),
         ],
         resources=build_resources(spec, environment),

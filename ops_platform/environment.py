@@ -36,6 +36,15 @@ def get_environment() -> str:
     return environment
 
 
+def schedule_status(environment: str) -> dg.DefaultScheduleStatus:
+    """Schedules run by themselves where the platform lives (staging, prod); a laptop starts none."""
+    return dg.DefaultScheduleStatus.STOPPED if environment == "local" else dg.DefaultScheduleStatus.RUNNING
+
+
+def sensor_status(environment: str) -> dg.DefaultSensorStatus:
+    return dg.DefaultSensorStatus.STOPPED if environment == "local" else dg.DefaultSensorStatus.RUNNING
+
+
 def dry_run_requested(configured: bool | None) -> bool:
     """A run's own ``dry_run`` config when given, else ``OPS_DRY_RUN``."""
     if configured is not None:

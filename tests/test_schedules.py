@@ -48,3 +48,14 @@ def test_every_shipped_backup_schedule_holds_its_rpo():
     for store in SPEC.datastores:
         if store.method not in POINT_IN_TIME_METHODS:
             assert max_gap_minutes(store.schedule) <= SPEC.rpo_minutes(store), store.name
+
+
+def test_schedules_and_sensors_run_by_themselves_in_staging_and_prod_only():
+    for environment, running in (("local", False), ("staging", True), ("prod", True)):
+        defs = build_definitions(SPEC, environment)
+        expected_schedule = dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED
+        expected_sensor = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+        for schedule in defs.schedules:
+            assert schedule.default_status == expected_schedule, (environment, schedule.name)
+        for sensor in defs.sensors:
+            assert sensor.default_status == expected_sensor, (environment, sensor.name)

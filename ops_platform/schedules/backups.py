@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from ops_platform.assets.keys import BACKUP_IO, IO_POOL_TAG, backup_key, restore_test_key, snapshot_key
+from ops_platform.environment import schedule_status
 from ops_platform.spec import Datastore, Spec
 
 if TYPE_CHECKING:
@@ -29,12 +30,15 @@ def build_backup_jobs(spec: Spec) -> list[UnresolvedAssetJobDefinition]:
     ]
 
 
-def build_schedules(spec: Spec, backup_jobs: list[UnresolvedAssetJobDefinition]) -> list[dg.ScheduleDefinition]:
+def build_schedules(
+    spec: Spec, backup_jobs: list[UnresolvedAssetJobDefinition], environment: str = "local"
+) -> list[dg.ScheduleDefinition]:
     timezone = spec.platform.timezone
+    status = schedule_status(environment)
     jobs = {job.name: job for job in backup_jobs}
     schedules: list[dg.ScheduleDefinition] = []
     for store in spec.datastores:
-        schedules.append(_backup_schedule(store, jobs[backup_job_name(store.name)], timezone))
+        schedules.append(_backup_schedule(store, jobs[backup_job_name(store.name)], timezone, status))
         if store.restore_test is not None:
             schedules.append(
                 dg.ScheduleDefinition(
@@ -44,6 +48,7 @@ def build_schedules(spec: Spec, backup_jobs: list[UnresolvedAssetJobDefinition])
                     target=dg.AssetSelection.assets(restore_test_key(store.name)),
                     description=f"Weekly restore test of {store.name}.",
                     tags={IO_POOL_TAG: BACKUP_IO},
+                    default_status=status,
                 )
             )
     for group in spec.volumes:
@@ -54,16 +59,20 @@ def build_schedules(spec: Spec, backup_jobs: list[UnresolvedAssetJobDefinition])
                 execution_timezone=timezone,
                 target=dg.AssetSelection.assets(snapshot_key(group.name)),
                 description=f"Volume snapshots of group {group.name}.",
+                default_status=status,
             )
         )
     return schedules
 
 
-def _backup_schedule(store: Datastore, job: UnresolvedAssetJobDefinition, timezone: str) -> dg.ScheduleDefinition:
+def _backup_schedule(
+    store: Datastore, job: UnresolvedAssetJobDefinition, timezone: str, status: dg.DefaultScheduleStatus
+) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(
         name=f"backup_{store.name}_schedule",
         cron_schedule=store.schedule,
         execution_timezone=timezone,
         job=job,
         description=f"Back up {store.name} at `{store.schedule}` ({timezone}).",
+        default_status=status,
     )

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from ops_platform.schedules.backups import backup_job_name
-from ops_platform.environment import dry_run_requested, get_environment
+from ops_platform.environment import dry_run_requested, get_environment, sensor_status
 from ops_platform.errors import MissingSettingError, OpsPlatformError
 from ops_platform.playbooks import PlaybookContext, PlaybookRefused, run_playbook
 from ops_platform.resources.alerting import AlertmanagerResource, PrometheusResource
@@ -108,7 +108,9 @@ def _silence(alertmanager: AlertmanagerResource, config: RemediationConfig, cont
         return None
 
 
-def build_alert_sensor(spec: Spec, playbook_jobs: list[dg.JobDefinition], backup_jobs: list) -> list[dg.SensorDefinition]:
+def build_alert_sensor(
+    spec: Spec, playbook_jobs: list[dg.JobDefinition], backup_jobs: list, environment: str = "local"
+) -> list[dg.SensorDefinition]:
     if not spec.remediations:
         return []
 
@@ -116,6 +118,7 @@ def build_alert_sensor(spec: Spec, playbook_jobs: list[dg.JobDefinition], backup
         name="alert_sensor",
         jobs=[*playbook_jobs, *backup_jobs],
         minimum_interval_seconds=30,
+        default_status=sensor_status(environment),
         description="Starts the playbook the spec maps to each firing alert (Alertmanager; Prometheus ALERTS "
         "as a fallback).",
     )

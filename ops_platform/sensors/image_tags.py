@@ -5,13 +5,14 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from ops_platform.assets.keys import release_key
+from ops_platform.environment import sensor_status
 from ops_platform.errors import OpsPlatformError
 from ops_platform.resources.ecr import EcrResource
 from ops_platform.sensing.image_tags import ReleaseRequest, TagScan, dump_cursor, load_cursor, scan_image_tags
 from ops_platform.spec import Spec
 
 
-def build_image_tag_sensor(spec: Spec) -> list[dg.SensorDefinition]:
+def build_image_tag_sensor(spec: Spec, environment: str = "local") -> list[dg.SensorDefinition]:
     if spec.images is None or not spec.images.services:
         return []
     services = spec.images.services
@@ -21,6 +22,7 @@ def build_image_tag_sensor(spec: Spec) -> list[dg.SensorDefinition]:
         name="image_tag_sensor",
         target=dg.AssetSelection.assets(*targets),
         minimum_interval_seconds=60,
+        default_status=sensor_status(environment),
         description="Releases a service to an environment when a new tag matching its tag_pattern is pushed "
         "to ECR repository <service>-<env>; one run per repository and digest. A repository seen for the "
         "first time is only learned: its current images are not released.",
