@@ -5,13 +5,18 @@ Plain Python, no Dagster import. The shell (``apps/<service>/<env>``) calls:
 1. :func:`resolve_image`: the tag must be a pinned git sha (the service's
    ``tag_pattern``, never ``latest``) that exists in ECR repository
    ``<service>-<env>``; gives the image digest.
-2. for prod, :func:`passed_staging` on the history of successful staging
-   releases: only a digest that passed staging is promoted.
+2. :func:`check_digest`: the tag still has the digest the caller saw (a
+   re-pushed tag is refused); for prod, :func:`require_passed_staging` on the
+   history of staging releases whose rollout became available: only a digest
+   that passed staging is promoted.
 3. :func:`release`: render the chart with the tag for this service only,
    server-side apply this service's objects and the shared ones, wait for the
    Deployment's rollout, and roll back to the previous ReplicaSet's pod
    template (as ``kubectl rollout undo`` does) when it does not become
-   available.
+   available. The result says how the rollout finished (``rollout``).
+
+Errors say what went wrong with *this* release, without naming it: the caller
+(the asset) puts ``release of <service>:<tag> to <env>`` in front, once.
 
 Which objects are applied: those labelled ``app.kubernetes.io/name=<service>``
 plus the shared ones (no such label: the Namespace and the namespace-wide
@@ -58,6 +63,14 @@ class ImageNotFound(ReleaseError):
     """The tag is not in the service's ECR repository for the environment."""
 
 
+class DigestChanged(ReleaseError):
+    """The tag now points at another image than the one the caller was told about."""
+
+
+class NotPassedStaging(ReleaseError):
+    """Prod was asked for a digest that no staging release has proven."""
+
+
 class ReleaseFailed(OpsPlatformError):
     """The rollout did not become available; ``rollback`` says what was restored."""
 
@@ -94,19 +107,20 @@ class ReleaseResult:
     changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     released_at: datetime | None = None
+    rollout: str = ""  # how the rollout finished, as rollout_state says it ("2/2 replicas available")
 
 
 def check_tag(service: Service, tag: str) -> None:
     """Raise :class:`InvalidTag` unless ``tag`` is a pinned tag of ``service``."""
     if tag in MOVING_TAGS:
         raise InvalidTag(
-            f"release {service.name}: tag {tag!r} is a moving tag; release a git sha "
-            f"(tag_pattern {service.tag_pattern} in infra/platform.yaml)"
+            f"tag {tag!r} is a moving tag; release a git sha "
+            f"(tag_pattern {service.tag_pattern} of {service.name} in infra/platform.yaml)"
         )
     if not re.fullmatch(service.tag_pattern, tag):
         raise InvalidTag(
-            f"release {service.name}: tag {tag!r} does not match the service's tag_pattern "
-            f"{service.tag_pattern} (infra/platform.yaml)"
+            f"tag {tag!r} does not match the tag_pattern {service.tag_pattern} of {service.name} "
+            "(infra/platform.yaml)"
         )
 
 
@@ -125,11 +139,12 @@ def resolve_image(registry: EcrRegistry, service: Service, environment: str, tag
 
 
 def passed_staging(history: Iterable[Mapping[str, Any]], tag_or_digest: str) -> bool:
-    """Whether a successful staging release shipped this digest (``sha256:...``) or tag.
+    """Whether a staging release whose rollout became available shipped this digest (``sha256:...``) or tag.
 
-    ``history`` holds records ``{tag, digest, at}`` of successful staging
-    releases. The prod gate should pass the digest resolved in ECR: a tag
-    alone could have been re-pushed with other content since.
+    ``history`` holds records ``{tag, digest, at}`` of staging releases whose
+    rollout became available (not merely applied). The prod gate should pass
+    the digest resolved in ECR: a tag alone could have been re-pushed with
+    other content since.
     """
     key = "digest" if tag_or_digest.startswith("sha256:") else "tag"
     for index, record in enumerate(history):
@@ -140,6 +155,27 @@ def passed_staging(history: Iterable[Mapping[str, Any]], tag_or_digest: str) -> 
     return False
 
 
+def check_digest(image: ImageInfo, tag: str, expected: str | None) -> None:
+    """Raise :class:`DigestChanged` when ``expected`` is given and ECR's digest of ``tag`` is another."""
+    if expected and expected != image.digest:
+        raise DigestChanged(
+            f"ECR now has digest {image.digest} for tag {tag!r}, not {expected} (the tag was re-pushed); "
+            "nothing applied"
+        )
+
+
+def require_passed_staging(history: Iterable[Mapping[str, Any]], digest: str, how: str) -> None:
+    """Raise :class:`NotPassedStaging` unless ``history`` (see :func:`passed_staging`) holds ``digest``.
+
+    ``how`` tells the operator how to get the digest through staging.
+    """
+    if not passed_staging(history, digest):
+        raise NotPassedStaging(
+            f"refused: digest {digest} has not passed staging (no staging release of it became available; "
+            f"{how}); nothing applied"
+        )
+
+
 def chart_component(service: Service) -> str:
     """The key of ``service`` in the chart's values.yaml (frontend / backend), found by its ``name``."""
     values_file = resolve_manifest_dir(service.chart) / "values.yaml"
@@ -148,8 +184,7 @@ def chart_component(service: Service) -> str:
         if isinstance(section, dict) and section.get("name") == service.name:
             return key
     raise ReleaseError(
-        f"release {service.name}: no section with name: {service.name} in {values_file} "
-        "(the chart does not deploy this service)"
+        f"no section with name: {service.name} in {values_file} (the chart does not deploy this service)"
     )
 
 
@@ -174,7 +209,11 @@ def release(
     wait_timeout: float = 600.0,
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> ReleaseResult:
-    """Apply the chart with ``tag`` for ``service`` and wait for its rollout; roll back when it fails."""
+    """Apply the chart with ``tag`` for ``service`` and wait for its rollout; roll back when it fails.
+
+    Raises :class:`ReleaseFailed` (after the rollback) when the rollout does
+    not become available within ``wait_timeout`` seconds.
+    """
     _check_environment(service, environment)
     check_tag(service, tag)
     component = chart_component(service)
@@ -202,12 +241,10 @@ def release(
     except RolloutFailed as failure:
         rollback = roll_back(kube, deployment, previous)
         raise ReleaseFailed(
-            _failure_message(service, environment, tag, failure.reason, rollback),
-            reason=failure.reason,
-            rollback=rollback,
+            _failure_message(failure.reason, rollback), reason=failure.reason, rollback=rollback
         ) from None
     revision = (live.get("metadata", {}).get("annotations") or {}).get(REVISION_ANNOTATION)
-    return replace(result, revision=revision)
+    return replace(result, revision=revision, rollout=rollout_state(live)[1])
 
 
 def previous_revision(kube: KubernetesClient, name: str, namespace: str) -> PreviousRevision | None:
@@ -309,22 +346,20 @@ def roll_back(
     return Rollback(previous.revision, previous.replicaset, applied.action)
 
 
-def _failure_message(
-    service: Service, environment: str, tag: str, reason: str, rollback: Rollback | None
-) -> str:
+def _failure_message(reason: str, rollback: Rollback | None) -> str:
     if rollback is None:
         undone = "nothing to roll back to (first release of the Deployment)"
     else:
         source = f"ReplicaSet {rollback.replicaset}" if rollback.replicaset else "the previous Deployment template"
         undone = f"rolled back to revision {rollback.revision} ({source})"
-    return f"release {service.name} {tag} to {environment} failed: {reason}; {undone}"
+    return f"rollout failed: {reason}; {undone}"
 
 
 def _the_deployment(objects: list[dict[str, Any]], service: Service) -> dict[str, Any]:
     for obj in objects:
         if obj.get("kind") == "Deployment" and obj["metadata"]["name"] == service.name:
             return obj
-    raise ReleaseError(f"release {service.name}: the chart {service.chart} renders no Deployment {service.name}")
+    raise ReleaseError(f"the chart {service.chart} renders no Deployment {service.name}")
 
 
 def _image_of(deployment: dict[str, Any]) -> str:
@@ -334,6 +369,6 @@ def _image_of(deployment: dict[str, Any]) -> str:
 def _check_environment(service: Service, environment: str) -> None:
     if environment not in service.environments:
         raise ReleaseError(
-            f"release {service.name}: environment {environment!r} is not one of {service.environments} "
+            f"environment {environment!r} is not one of {service.environments} of {service.name} "
             "(images.services in infra/platform.yaml)"
         )

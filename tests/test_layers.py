@@ -1,4 +1,5 @@
-"""Applying layers, plans, readiness, drift and the layer checks, against the fake API server over HTTP."""
+"""Applying layers, plans, readiness, drift and the layer checks, against the fake API server over HTTP,
+and the `infra/<layer>` assets whose own run yields drift and the requirement checks."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import threading
 import time
 from collections.abc import Iterator
 
+import dagster as dg
 import pytest
+import yaml
 
 from ops_platform import layer_checks
+from ops_platform.assets import infra as infra_assets
+from ops_platform.assets.keys import layer_key
 from ops_platform.errors import ServerUnreachableError
 from ops_platform.local_servers import free_port
 from ops_platform.layers import LayerError, apply_layer, detect_drift
 from ops_platform.manifests import REPO_ROOT, load_layer_manifests
 from ops_platform.resources.kubernetes import KubernetesClient, KubernetesError, KubernetesResource
+from ops_platform.spec import DEFAULT_SPEC_PATH, load_spec
 
 CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -427,9 +433,182 @@ def test_quota_and_limit_range_check(kube, kube_api):
 
 
 def test_every_check_is_mapped_to_a_layer_of_the_platform():
-    import yaml
-
     layers = {layer["name"] for layer in yaml.safe_load((REPO_ROOT / "infra" / "platform.yaml").read_text())["layers"]}
     assert set(layer_checks.LAYER_CHECKS) <= layers
     names = [name for checks in layer_checks.LAYER_CHECKS.values() for name, _ in checks]
     assert len(names) == len(set(names)) == 8
+
+
+SPEC = load_spec(DEFAULT_SPEC_PATH)
+
+
+def layer_spec(**manifests: str):
+    """The platform spec with the manifests of some layers replaced (the fake does not serve every kind)."""
+    layers = [layer.model_copy(update={"manifests": manifests[layer.name]}) if layer.name in manifests else layer
+              for layer in SPEC.layers]
+    return SPEC.model_copy(update={"layers": layers})
+
+
+def materialize_layers(names, kubeconfig, *, spec=SPEC, plan=False, wait_timeout=2.0, instance=None):
+    assets = [a for a in infra_assets.build_layer_assets(spec) if {layer_key(n) for n in names} & set(a.keys)]
+    return dg.materialize(
+        assets,
+        resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig), context="fake", request_timeout=2)},
+        run_config={"ops": {f"infra__{name}": {"config": {"plan": plan, "wait_timeout_seconds": wait_timeout}}
+                            for name in names}},
+        instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False,
+    )
+
+
+def checks_by_step(result) -> dict[str, dict[str, dg.AssetCheckEvaluation]]:
+    """Each step of the run with the check evaluations it yielded; asserts one step per asset."""
+    steps = {e.step_key for e in result.all_events if e.is_step_start}
+    by_step: dict[str, dict[str, dg.AssetCheckEvaluation]] = {step: {} for step in steps}
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            by_step[event.step_key][evaluation.check_name] = evaluation
+    return by_step
+
+
+def layer_failure(result) -> str:
+    event = next(e for e in result.all_events if e.is_step_failure)
+    return event.step_failure_data.user_failure_data.description
+
+
+def test_layer_assets_declare_their_checks_and_no_standalone_checks_remain():
+    specs = {key.path[1]: {spec.name for spec in asset.check_specs}
+             for asset in infra_assets.build_layer_assets(SPEC) for key in asset.keys}
+    assert specs["storage"] == {"drift", "storage_classes_present"}
+    assert specs["governance"] == {"drift", "gatekeeper_audit_clean", "quota_and_limit_range_in_app_namespaces"}
+    assert specs["logging"] == {"drift"}
+    assert not any(spec.blocking for asset in infra_assets.build_layer_assets(SPEC) for spec in asset.check_specs)
+    assert infra_assets.build_layer_checks(SPEC) == []
+
+
+def test_layer_run_yields_drift_and_requirement_checks_in_its_one_step(kubeconfig_path, kube_api):
+    spec = layer_spec(cluster="infra/layers/cluster/namespaces.yaml")
+    result = materialize_layers(["cluster", "storage"], kubeconfig_path, spec=spec)
+
+    assert result.success
+    by_step = checks_by_step(result)
+    assert set(by_step) == {"infra__cluster", "infra__storage"}, "one step per asset, none per check"
+    assert set(by_step["infra__cluster"]) == {"drift", "control_plane_nodes", "node_group_sizes"}
+    assert set(by_step["infra__storage"]) == {"drift", "storage_classes_present"}
+    storage = by_step["infra__storage"]
+    assert storage["drift"].passed and storage["drift"].description == "in sync"
+    assert storage["drift"].severity == dg.AssetCheckSeverity.WARN
+    assert storage["storage_classes_present"].passed
+    # Against the live cluster: the fake has no nodes.
+    control_plane = by_step["infra__cluster"]["control_plane_nodes"]
+    assert not control_plane.passed and control_plane.severity == dg.AssetCheckSeverity.ERROR
+    assert control_plane.description.startswith("0 control-plane nodes")
+    [materialization] = result.asset_materializations_for_node("infra__storage")
+    assert materialization.metadata["created"].value == 4
+
+
+def test_layer_plan_checks_drift_as_the_diff_and_requirements_live(kubeconfig_path, kube_api):
+    instance = dg.DagsterInstance.ephemeral()
+    planned = materialize_layers(["storage"], kubeconfig_path, plan=True, instance=instance)
+
+    assert planned.success
+    assert planned.asset_materializations_for_node("infra__storage") == []
+    assert kube_api.get_object("storage.k8s.io/v1", "storageclasses", "fast-ssd") is None
+    checks = checks_by_step(planned)["infra__storage"]
+    assert not checks["drift"].passed and checks["drift"].severity == dg.AssetCheckSeverity.WARN
+    assert "StorageClass fast-ssd would create" in checks["drift"].description
+    assert checks["drift"].metadata["created"].value == 4
+    assert not checks["storage_classes_present"].passed
+    assert checks["storage_classes_present"].description.startswith("storage classes missing: fast-ssd")
+
+    assert materialize_layers(["storage"], kubeconfig_path, instance=instance).success
+    fast = kube_api.get_object("storage.k8s.io/v1", "storageclasses", "fast-ssd")
+    fast["parameters"]["type"] = "gp3"
+    kube_api.put_object(fast)
+
+    replanned = checks_by_step(materialize_layers(["storage"], kubeconfig_path, plan=True, instance=instance))
+    assert not replanned["infra__storage"]["drift"].passed
+    assert replanned["infra__storage"]["drift"].description == "StorageClass fast-ssd would change"
+    assert "+  type: io2" in replanned["infra__storage"]["drift"].metadata["diff"].value
+    assert replanned["infra__storage"]["storage_classes_present"].passed
+
+
+def test_drift_after_apply_is_the_live_cluster_against_the_manifests(kubeconfig_path, kube_api, tmp_path):
+    """A controller that changes what was applied before it is ready (an autoscaler) shows as drift."""
+    (tmp_path / "web.yaml").write_text(yaml.safe_dump_all([NAMESPACE, DEPLOYMENT]))
+
+    def autoscale() -> None:
+        while kube_api.get_object("apps/v1", "deployments", "web", "shop") is None:
+            time.sleep(0.01)
+        live = kube_api.get_object("apps/v1", "deployments", "web", "shop")
+        kube_api.put_object({**live, "spec": {**live["spec"], "replicas": 3}})
+        make_available(kube_api)
+
+    scaler = threading.Thread(target=autoscale, daemon=True)
+    scaler.start()
+    result = materialize_layers(["storage"], kubeconfig_path, spec=layer_spec(storage=str(tmp_path)),
+                                wait_timeout=10)
+    scaler.join(timeout=5)
+
+    assert result.success
+    drift = checks_by_step(result)["infra__storage"]["drift"]
+    assert not drift.passed and drift.severity == dg.AssetCheckSeverity.WARN
+    assert drift.description == "Deployment shop/web drifted: spec.replicas: manifest 2, live 3"
+    assert drift.metadata["drifted"].value == 1
+
+
+def test_layer_whose_objects_are_not_ready_fails_every_check_with_the_reason(kubeconfig_path, kube_api, tmp_path):
+    (tmp_path / "web.yaml").write_text(yaml.safe_dump_all([NAMESPACE, DEPLOYMENT]))
+    result = materialize_layers(["storage"], kubeconfig_path, spec=layer_spec(storage=str(tmp_path)),
+                                wait_timeout=0.3)
+
+    assert not result.success
+    assert result.asset_materializations_for_node("infra__storage") == []
+    assert layer_failure(result) == ("layer 'storage': 1 object(s) not ready: Deployment shop/web: not available "
+                                     "within the layer's 0.3 s wait: 0/2 replicas available; no status reported yet")
+    checks = checks_by_step(result)["infra__storage"]
+    assert set(checks) == {"drift", "storage_classes_present"}
+    assert all(not c.passed and c.description == f"not checked: {layer_failure(result)}" for c in checks.values())
+    assert checks["drift"].severity == dg.AssetCheckSeverity.WARN
+
+
+def test_layer_apply_refused_by_the_api_server_fails_every_check(kubeconfig_path, kube_api):
+    kube_api.fail_next("PATCH", r"/storageclasses/fast-ssd", 500, message="etcdserver: request timed out")
+    result = materialize_layers(["storage"], kubeconfig_path)
+
+    assert not result.success
+    description = layer_failure(result)
+    assert description.startswith("layer 'storage': kubernetes") and description.count("layer 'storage'") == 1
+    assert "etcdserver: request timed out" in description
+    checks = checks_by_step(result)["infra__storage"]
+    assert all(not c.passed and "etcdserver: request timed out" in c.description for c in checks.values())
+
+
+def test_layer_without_kubeconfig_fails_naming_the_setting(tmp_path):
+    for plan in (False, True):
+        result = materialize_layers(["storage"], tmp_path / "no-kubeconfig", plan=plan)
+        assert not result.success
+        description = layer_failure(result)
+        assert description.startswith("layer 'storage'" + (" plan" if plan else "") + ": this operation on the "
+                                      "Kubernetes cluster needs KUBECONFIG, which is not set")
+        assert description.count("layer 'storage'") == 1
+        checks = checks_by_step(result)["infra__storage"]
+        assert set(checks) == {"drift", "storage_classes_present"}
+        assert all(not c.passed and "KUBECONFIG" in c.description for c in checks.values())
+
+
+def test_layer_with_the_api_server_down_fails_naming_host_and_setting(tmp_path):
+    port = free_port()
+    config = tmp_path / "kubeconfig"
+    config.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "down", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "down", "user": {"token": "t"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "down", "user": "down"}}],
+    }))
+    result = materialize_layers(["storage"], config)
+    assert not result.success
+    description = layer_failure(result)
+    assert description.startswith("layer 'storage': kubernetes") and description.count("layer 'storage'") == 1
+    assert f"127.0.0.1:{port}" in description and "KUBECONFIG" in description
+    assert all(not c.passed for c in checks_by_step(result)["infra__storage"].values())

@@ -28,12 +28,16 @@ from ops_platform.manifests import CRD_SCHEMA_DIR
 from ops_platform.releases import (
     POD_TEMPLATE_HASH,
     REVISION_ANNOTATION,
+    DigestChanged,
     ImageNotFound,
     InvalidTag,
+    NotPassedStaging,
     ReleaseError,
     ReleaseFailed,
+    check_digest,
     passed_staging,
     release,
+    require_passed_staging,
     resolve_image,
     rollout_state,
 )
@@ -185,6 +189,7 @@ def test_release_creates_then_updates_the_service(kube: KubernetesClient, kube_a
     assert first.revision == "1"
     assert first.image == f"123456789012.dkr.ecr.ap-northeast-2.amazonaws.com/onto-frontend-dev:{GOOD}"
     assert (first.digest, first.released_at) == (f"sha256:{GOOD}", AT)
+    assert first.rollout == "1/1 replicas available"
     assert "Namespace ontology-editor" in first.created
     assert f"Deployment {NAMESPACE}/onto-frontend" in first.created
     assert first.changed == [] and first.unchanged == []
@@ -227,7 +232,7 @@ def test_rollout_past_its_deadline_rolls_back_to_the_previous_replicaset(
 
     message = str(failure.value)
     assert "ProgressDeadlineExceeded" in message and "has timed out progressing" in message
-    assert f"release onto-frontend {BROKEN} to dev failed" in message
+    assert message.startswith("rollout failed: ProgressDeadlineExceeded"), "the caller names the release"
     rollback = failure.value.rollback
     assert rollback is not None and rollback.revision == "1" and rollback.action == "changed"
     assert rollback.replicaset is not None and rollback.replicaset.startswith("onto-frontend-")
@@ -323,6 +328,22 @@ def test_passed_staging_gates_prod_on_the_digest() -> None:
     assert not passed_staging([], "sha256:aaa")
     with pytest.raises(ValueError, match="record 0 has no 'digest'"):
         passed_staging([{"tag": GOOD}], "sha256:aaa")
+
+    require_passed_staging(history, "sha256:aaa", "release it to staging first")
+    with pytest.raises(NotPassedStaging, match=r"digest sha256:ccc has not passed staging .*"
+                                               r"release it to staging first\); nothing applied"):
+        require_passed_staging(history, "sha256:ccc", "release it to staging first")
+
+
+def test_check_digest_refuses_a_repushed_tag(ecr: Any) -> None:
+    ecr.create_repository(repositoryName="onto-frontend-dev")
+    digest = push_image(ecr, "onto-frontend-dev", GOOD)
+    image = resolve_image(EcrRegistry(ecr), FRONTEND, "dev", GOOD)
+    check_digest(image, GOOD, None)
+    check_digest(image, GOOD, digest)
+    with pytest.raises(DigestChanged, match=rf"ECR now has digest {digest} for tag '{GOOD}', not sha256:0+ "
+                                            r"\(the tag was re-pushed\)"):
+        check_digest(image, GOOD, "sha256:" + "0" * 64)
 
 
 def test_stale_status_is_not_a_finished_rollout() -> None:

@@ -1,17 +1,28 @@
 """`apps/<service>/<env>`: releases of each service to each environment.
 
-The image tag comes from run config (the image-tag sensor passes it). Prod
-takes only an image digest that a staging release materialized before; every
-release has a blocking `rollout_available` check, so in a run that releases
-staging and prod, prod waits for staging to be proven.
+The image tag comes from run config (the image-tag sensor passes it). Every
+release declares a blocking `rollout_available` check that its own run yields
+after waiting for the rollout: passed with the image and its digest, failed
+with the reason when the release was refused or its rollout failed (then the
+run fails). Prod takes only a digest whose staging release passed that check,
+so in a run that releases staging and prod, prod waits for staging to be
+proven, and a staging rollout that failed never lets its digest through.
 """
 
 import dagster as dg
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
+from ops_platform.assets.failures import failure, known_errors
 from ops_platform.assets.keys import APPS_GROUP, layer_key, release_key
-from ops_platform.errors import OpsPlatformError
 from ops_platform.metadata import table
-from ops_platform.releases import ReleaseFailed, passed_staging, release, resolve_image, rollout_state
+from ops_platform.releases import (
+    ReleaseFailed,
+    ReleaseResult,
+    check_digest,
+    release,
+    require_passed_staging,
+    resolve_image,
+)
 from ops_platform.resources.ecr import EcrResource
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.spec import Service, Spec
@@ -37,50 +48,75 @@ def build_release_assets(spec: Spec) -> list[dg.AssetsDefinition]:
 
 
 def build_release_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
-    if spec.images is None:
-        return []
-    return [
-        _rollout_check(service, environment)
-        for service in spec.images.services
-        for environment in service.environments
-    ]
+    """None: `rollout_available` is declared on each release asset and yielded by its run."""
+    return []
 
 
 def staging_history(instance: dg.DagsterInstance, service: str) -> list[dict[str, str]]:
-    """The tags and digests that staging releases of ``service`` materialized."""
-    records = instance.fetch_materializations(release_key(service, "staging"), limit=STAGING_HISTORY_LIMIT).records
+    """Tags and digests of the staging releases of ``service`` whose run passed `rollout_available`, newest first.
+
+    Only the newest :data:`STAGING_HISTORY_LIMIT` passed evaluations count.
+    """
+    records = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(release_key(service, "staging"), ROLLOUT_AVAILABLE),
+        limit=STAGING_HISTORY_LIMIT,
+        status={AssetCheckExecutionRecordStatus.SUCCEEDED},
+    )
     history = []
     for record in records:
-        materialization = record.asset_materialization
-        if materialization is None:
+        dagster_event = record.event.dagster_event if record.event else None
+        evaluation = dagster_event.event_specific_data if dagster_event else None
+        if not isinstance(evaluation, dg.AssetCheckEvaluation) or not evaluation.passed:
             continue
-        metadata = materialization.metadata
+        metadata = evaluation.metadata
         if "image_digest" in metadata and "image_tag" in metadata:
             history.append({"tag": str(metadata["image_tag"].value), "digest": str(metadata["image_digest"].value),
-                            "at": str(record.timestamp)})
+                            "at": str(record.create_timestamp)})
     return history
+
+
+def release_metadata(result: ReleaseResult, tag: str) -> dict[str, object]:
+    return {
+        "image_tag": tag,
+        "image_digest": result.digest,
+        "image": result.image,
+        "revision": str(result.revision),
+        "objects": table(
+            [{"object": ref, "action": action} for action, refs in
+             (("created", result.created), ("changed", result.changed), ("unchanged", result.unchanged))
+             for ref in refs]
+        ),
+    }
 
 
 def _release_asset(spec: Spec, service: Service, environment: str) -> dg.AssetsDefinition:
     assert spec.images is not None
+    key = release_key(service.name, environment)
     repository = service.repository(environment)
     registry = spec.images.registry
     gated = environment == "prod" and "staging" in service.environments
+    staging = release_key(service.name, "staging").to_user_string()
     deps = [layer_key(layer) for layer in service.requires]
     if gated:
         deps.append(release_key(service.name, "staging"))
 
     @dg.asset(
-        key=release_key(service.name, environment),
+        key=key,
         deps=deps,
         group_name=APPS_GROUP,
         kinds={"kubernetes", "helm", "ecr"},
         owners=[service.owner or spec.platform.owner],
         pool="kube_api",
+        check_specs=[dg.AssetCheckSpec(
+            ROLLOUT_AVAILABLE, asset=key, blocking=True,
+            description="This run's rollout finished: the Deployment runs the released image and all its "
+            "replicas are available. Failed when the release was refused or its rollout failed (rolled back).",
+        )],
         description=(
             f"Release of {service.name} to {environment}: image from ECR repository "
             f"`{repository}`, chart `{service.chart}`, namespace `{service.namespace}`."
-            + (" Takes only an image digest that passed staging." if gated else "")
+            + (f" Takes only an image digest whose `{staging}` release passed `{ROLLOUT_AVAILABLE}`."
+               if gated else "")
         ),
         metadata={
             "repository": f"{registry.account}.dkr.ecr.{registry.region}.amazonaws.com/{repository}",
@@ -93,74 +129,36 @@ def _release_asset(spec: Spec, service: Service, environment: str) -> dg.AssetsD
         config: ReleaseConfig,
         kubernetes: KubernetesResource,
         ecr: EcrResource,
-    ) -> dg.MaterializeResult:
+    ):
+        prefix = f"release of {service.name}:{config.image_tag} to {environment}"
+        evidence: dict[str, str] = {"image_tag": config.image_tag}
         try:
-            image = resolve_image(ecr.get_registry(), service, environment, config.image_tag)
-        except OpsPlatformError as error:
-            raise dg.Failure(f"release of {service.name} to {environment}: {error}") from None
-        if config.image_digest and config.image_digest != image.digest:
-            raise dg.Failure(
-                f"release of {service.name}:{config.image_tag} to {environment}: ECR now has digest "
-                f"{image.digest} for the tag, not {config.image_digest} (the tag was re-pushed); nothing applied"
-            )
-        if gated and not passed_staging(staging_history(context.instance, service.name), image.digest):
-            raise dg.Failure(
-                f"release of {service.name}:{config.image_tag} to prod refused: digest {image.digest} has not "
-                f"been released to staging (materialize {release_key(service.name, 'staging').to_user_string()} "
-                "with this tag first); nothing applied"
-            )
-        try:
-            result = release(
-                kubernetes.get_client(), service, environment, config.image_tag, image.digest,
-                wait_timeout=config.wait_timeout_seconds,
-            )
-        except ReleaseFailed as failed:
-            raise dg.Failure(
-                f"release of {service.name}:{config.image_tag} to {environment} failed: {failed.reason}",
-                metadata={"rollback": str(failed.rollback) if failed.rollback else "nothing to roll back"},
-            ) from None
-        except OpsPlatformError as error:
-            raise dg.Failure(f"release of {service.name} to {environment}: {error}") from None
-        return dg.MaterializeResult(
-            metadata={
-                "image_tag": config.image_tag,
-                "image_digest": image.digest,
-                "image": result.image,
-                "revision": str(result.revision),
-                "objects": table(
-                    [{"object": ref, "action": action} for action, refs in
-                     (("created", result.created), ("changed", result.changed), ("unchanged", result.unchanged))
-                     for ref in refs]
-                ),
-            }
+            with known_errors(prefix):
+                image = resolve_image(ecr.get_registry(), service, environment, config.image_tag)
+                evidence["image_digest"] = image.digest
+                check_digest(image, config.image_tag, config.image_digest)
+                if gated:
+                    require_passed_staging(staging_history(context.instance, service.name), image.digest,
+                                           f"materialize {staging} with this tag first")
+                kube = kubernetes.get_client()
+                try:
+                    result = release(kube, service, environment, config.image_tag, image.digest,
+                                     wait_timeout=config.wait_timeout_seconds)
+                except ReleaseFailed as failed:
+                    evidence["rollback"] = str(failed.rollback) if failed.rollback else "nothing to roll back"
+                    raise failure(prefix, failed, evidence) from None
+        except dg.Failure as refused:
+            yield dg.AssetCheckResult(check_name=ROLLOUT_AVAILABLE, passed=False,
+                                      description=refused.description, metadata=evidence)
+            raise
+        yield dg.MaterializeResult(
+            metadata=release_metadata(result, config.image_tag),
+            check_results=[dg.AssetCheckResult(
+                check_name=ROLLOUT_AVAILABLE, passed=True,
+                description=f"{result.image} available: {result.rollout}",
+                metadata={"image": result.image, "image_tag": config.image_tag, "image_digest": image.digest,
+                          "revision": str(result.revision)},
+            )],
         )
 
     return _release
-
-
-def _rollout_check(service: Service, environment: str) -> dg.AssetChecksDefinition:
-    key = release_key(service.name, environment)
-
-    @dg.asset_check(asset=key, name=ROLLOUT_AVAILABLE, blocking=True,
-                    description="The Deployment runs the released image and all its replicas are available.")
-    def _check(context: dg.AssetCheckExecutionContext, kubernetes: KubernetesResource) -> dg.AssetCheckResult:
-        event = context.instance.get_latest_materialization_event(key)
-        if event is None or event.asset_materialization is None:
-            return dg.AssetCheckResult(passed=False, description="never released")
-        image = str(event.asset_materialization.metadata["image"].value)
-        deployments = kubernetes.get_client().list(
-            "apps/v1", "Deployment", service.namespace, label_selector=f"app.kubernetes.io/name={service.name}"
-        )
-        if not deployments:
-            return dg.AssetCheckResult(passed=False, description=f"no Deployment of {service.name} in {service.namespace}")
-        problems = []
-        for deployment in deployments:
-            images = {c.get("image") for c in deployment["spec"]["template"]["spec"].get("containers", [])}
-            state, why = rollout_state(deployment)
-            if image not in images:
-                problems.append(f"{deployment['metadata']['name']} runs {sorted(images)}, not {image}")
-            elif state != "complete":
-                problems.append(f"{deployment['metadata']['name']}: rollout {state} ({why})")
-        return dg.AssetCheckResult(passed=not problems, description="; ".join(problems) or f"{image} available")
-
-    return _check
