@@ -384,6 +384,44 @@ def test_without_cert_manager_the_inventory_still_has_secrets_and_endpoints(tls_
     assert inventory.row(endpoint).served_is_stored is True and inventory.findings() == []
 
 
+def test_a_certificate_not_yet_valid_is_an_expiry_error_whether_served_or_stored(
+    tls_ca, tls_server, cert_manager, kube
+):
+    checked_at = now()
+    starts = checked_at + timedelta(days=3)
+    early = tls_ca.intermediate().issue(["early.test"], not_before=starts, not_after=starts + timedelta(days=90))
+    cert_manager.put_object(early.tls_secret("apps", "early-tls"))
+    cert_manager.put_object(certificate_object("apps", "pending", "pending-tls", ["pending.test"], extra_status={
+        "notBefore": rfc3339(starts), "notAfter": rfc3339(starts + timedelta(days=90))}))
+    server = tls_server(early)
+    endpoint = f"early.test:{server.port}"
+
+    inventory = build_inventory(kube, [endpoint], clock=lambda: checked_at, probe_timeout=2,
+                                trust_roots=[certificate_info(tls_ca.certificate)], resolve=resolve_all("early.test"))
+
+    for name in ("apps/early-tls", endpoint):
+        row = inventory.row(name)
+        [finding] = row.findings
+        assert (finding.check, finding.severity) == (CHECK_EXPIRY, "ERROR")
+        assert finding.message.startswith(f"not valid until {starts:%Y-%m-%d %H:%M} UTC, in 3.0 days")
+        assert row.chain_verification.ok, "the chain is sound: only the validity window is wrong"
+        assert row.days_left > 90
+    assert inventory.row(endpoint).served_is_stored is True
+    from_status = [f for f in inventory.row("apps/pending").findings if f.check == CHECK_EXPIRY]
+    assert [f.severity for f in from_status] == ["ERROR"]
+    assert "not valid until" in from_status[0].message and "from the Certificate's status" in from_status[0].message
+    table = {row["name"]: row for row in inventory.table_rows()}
+    assert table[endpoint]["not before"] == f"{early.certificate.not_valid_before_utc:%Y-%m-%d %H:%M}"
+    assert list(table[endpoint])[:3] == ["days left", "not before", "not after"]
+    validity = {row["name"]: row for row in inventory.validity_rows()}
+    assert validity["apps/early-tls"] == {
+        "name": "apps/early-tls", "source": "secret", "days_left": round(inventory.row("apps/early-tls").days_left, 3),
+        "not_before": early.certificate.not_valid_before_utc.isoformat(),
+        "not_after": early.certificate.not_valid_after_utc.isoformat(),
+    }
+    assert validity["apps/pending"]["not_before"] == rfc3339(starts).replace("Z", "+00:00")
+
+
 def test_unreachable_cluster_names_the_setting(kube_api, tmp_path):
     config = kube_api.kubeconfig()
     config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{free_port()}"

@@ -17,6 +17,7 @@ from ops_platform.compliance.evidence import (
     BackupEvidence,
     CertificateEvidence,
     Evidence,
+    FailedRun,
     GraphEvidence,
     RestoreTestEvidence,
     selector_matches,
@@ -532,7 +533,26 @@ def test_backups_within_rpo_link_their_run() -> None:
     assert outcomes["Datastore postgres_main"].link == "http://dagster/runs/run-2"
     assert "b-new" in outcomes["Datastore postgres_main"].message
     assert outcomes["Datastore redis_cache"].link == "run run-3"
-    assert outcomes["Datastore neo4j"].message == "no backup found"
+    assert outcomes["Datastore neo4j"].message == "no verified backup found"
+
+
+def test_rpo_is_per_datastore_and_a_failed_latest_backup_is_named_without_deciding() -> None:
+    evidence = graph_evidence(
+        rpo_minutes_by_datastore={"redis_cache": 240, "postgres_main": 15},
+        failed_backups={"redis_cache": FailedRun("sha256 mismatch in dump.rdb", "run-9", None),
+                        "neo4j": FailedRun("connection refused", "run-8", "http://dagster/runs/run-8")},
+    )
+    outcomes = run(graph.backups_within_rpo, graph=evidence, kinds=("graph",))
+    # postgres_main: 20 min old against its own RPO of 15; redis_cache: 3 h against 240 min.
+    assert verdicts(outcomes) == {"Datastore postgres_main": False, "Datastore redis_cache": True,
+                                  "Datastore neo4j": False}
+    assert "RPO 15 min" in outcomes["Datastore postgres_main"].message
+    redis = outcomes["Datastore redis_cache"]
+    assert "RPO 240 min" in redis.message and redis.link == "run run-3"
+    assert "the latest backup run failed: sha256 mismatch in dump.rdb (run run-9)" in redis.message
+    neo4j = outcomes["Datastore neo4j"]
+    assert neo4j.message.startswith("no verified backup found; the latest backup run failed: connection refused")
+    assert neo4j.link == "http://dagster/runs/run-8"
 
 
 def test_latest_restore_test_must_pass_within_rto() -> None:
@@ -543,7 +563,51 @@ def test_latest_restore_test_must_pass_within_rto() -> None:
     assert "failed" in outcomes["Datastore etcd"].message and outcomes["Datastore etcd"].link == "run run-6"
 
 
+def test_rto_is_per_datastore_and_a_failed_test_says_why() -> None:
+    refused = RestoreTestEvidence("etcd", False, None, NOW - timedelta(hours=1), "run-10", None,
+                                  description="not proven: restore test of 'etcd': target is the source")
+    evidence = graph_evidence(rto_minutes_by_datastore={"redis_cache": 30, "postgres_main": 4},
+                              restore_tests=[*graph_evidence().restore_tests, refused])
+    outcomes = run(graph.restore_tests_within_rto, graph=evidence, kinds=("graph",))
+    assert verdicts(outcomes) == {"Datastore postgres_main": False, "Datastore redis_cache": True,
+                                  "Datastore etcd": False}
+    assert "over the RTO of 4 min" in outcomes["Datastore postgres_main"].message
+    assert "(RTO 30 min)" in outcomes["Datastore redis_cache"].message
+    etcd = outcomes["Datastore etcd"]
+    assert etcd.message.endswith("failed: not proven: restore test of 'etcd': target is the source")
+    assert etcd.link == "run run-10"
+
+
 def test_certificates_near_expiry_fail() -> None:
     outcomes = run(graph.certificates_not_expiring, graph=graph_evidence(), kinds=("graph",))
     assert verdicts(outcomes) == {"Certificate onto.company.com:443": True, "Certificate api.company.com:443": False}
     assert outcomes["Certificate api.company.com:443"].link == "http://dagster/runs/run-7"
+
+
+def test_not_yet_valid_and_unreadable_certificates_fail() -> None:
+    certificates = [
+        CertificateEvidence("early.company.com:443", 95, "run-7", None, not_before=NOW + timedelta(days=5),
+                            not_after=NOW + timedelta(days=95)),
+        CertificateEvidence("apps/garbled", None, "run-7", None),
+        CertificateEvidence("apps/fine", 80, "run-7", None, not_before=NOW - timedelta(days=10),
+                            not_after=NOW + timedelta(days=80)),
+    ]
+    outcomes = run(graph.certificates_not_expiring, graph=graph_evidence(certificates=certificates), kinds=("graph",))
+    assert verdicts(outcomes) == {"Certificate early.company.com:443": False, "Certificate apps/garbled": False,
+                                  "Certificate apps/fine": True}
+    assert outcomes["Certificate early.company.com:443"].message == "not valid until 2026-05-09 07:00 UTC"
+    assert "expiry unknown" in outcomes["Certificate apps/garbled"].message
+
+
+def test_a_failed_or_missing_inventory_fails_the_certificate_control() -> None:
+    failed = graph_evidence(certificates=[], failed_inventory=FailedRun(
+        "not judged: certificate inventory failed: kubernetes: list Secret was refused (403 Forbidden)",
+        "run-11", "http://dagster/runs/run-11"))
+    outcomes = run(graph.certificates_not_expiring, graph=failed, kinds=("graph",))
+    assert verdicts(outcomes) == {"Certificate inventory": False}
+    assert "the latest certificate inventory run failed: not judged" in outcomes["Certificate inventory"].message
+    assert outcomes["Certificate inventory"].link == "http://dagster/runs/run-11"
+    never = run(graph.certificates_not_expiring, graph=graph_evidence(certificates=[], inventory_taken=False),
+                kinds=("graph",))
+    assert verdicts(never) == {"Certificate inventory": False}
+    assert "no certificate inventory has run" in never["Certificate inventory"].message

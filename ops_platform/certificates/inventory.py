@@ -10,10 +10,10 @@
 
 Each :class:`InventoryRow` carries :class:`Finding` s, one check name each
 (:data:`CHECKS`), so the asset layer can turn every check into an asset
-check. The truth about a certificate is the certificate itself: expiry is
-read from the x509 in the Secret, never only from ``status.notAfter``, since
-cert-manager can keep ``Ready=True`` on an expired certificate
-(cert-manager issue 7895).
+check. The truth about a certificate is the certificate itself: its validity
+(notBefore and notAfter) is read from the x509 in the Secret, never only from
+``status.notBefore`` / ``status.notAfter``, since cert-manager can keep
+``Ready=True`` on an expired certificate (cert-manager issue 7895).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class CertManagerStatus:
     ready_reason: str | None
     ready_message: str | None
     issuing: bool
+    not_before: datetime | None
     not_after: datetime | None
     renewal_time: datetime | None
     revision: int | None
@@ -118,6 +119,12 @@ class InventoryRow:
     @property
     def leaf(self) -> CertificateInfo | None:
         return self.chain[0] if self.chain else None
+
+    @property
+    def not_before(self) -> datetime | None:
+        if self.leaf is not None:
+            return self.leaf.not_before
+        return self.cert_manager.not_before if self.cert_manager else None
 
     @property
     def not_after(self) -> datetime | None:
@@ -155,6 +162,19 @@ class Inventory:
     def table_rows(self) -> list[dict[str, Any]]:
         """One dict per row, for the Markdown table of the asset (already sorted by days left)."""
         return [_table_row(row) for row in self.rows]
+
+    def validity_rows(self) -> list[dict[str, Any]]:
+        """Per certificate: name, source, days left and validity window (ISO 8601 UTC; None: unknown)."""
+        return [
+            {
+                "name": row.name,
+                "source": row.source,
+                "days_left": None if row.days_left is None else round(row.days_left, 3),
+                "not_before": row.not_before.isoformat() if row.not_before else None,
+                "not_after": row.not_after.isoformat() if row.not_after else None,
+            }
+            for row in self.rows
+        ]
 
 
 def build_inventory(
@@ -318,7 +338,7 @@ def _check(
         row.add(check, "ERROR", row.error)
     if row.not_after is not None:
         row.days_left = (row.not_after - now).total_seconds() / 86400
-        _check_expiry(row, now, renew_before_days, fail_below_days)
+    _check_expiry(row, now, renew_before_days, fail_below_days)
     if row.cert_manager is not None:
         _check_cert_manager(row, now)
     if row.leaf is None:
@@ -332,17 +352,24 @@ def _check(
 
 
 def _check_expiry(row: InventoryRow, now: datetime, renew_before_days: int, fail_below_days: int) -> None:
-    assert row.not_after is not None and row.days_left is not None
+    """Both ends of the validity window: clients refuse a certificate before its notBefore too."""
+    read = "" if row.leaf else " (from the Certificate's status; the certificate itself could not be read)"
+    if row.not_before is not None and now < row.not_before:
+        days = (row.not_before - now).total_seconds() / 86400
+        row.add(CHECK_EXPIRY, "ERROR",
+                f"not valid until {row.not_before:%Y-%m-%d %H:%M} UTC, in {days:.1f} days (clients refuse it "
+                f"until then; check the issuer's clock){read}")
+    if row.not_after is None or row.days_left is None:
+        return
     when = f"{row.not_after:%Y-%m-%d %H:%M} UTC"
-    source = "" if row.leaf else " (from status.notAfter; the certificate itself could not be read)"
     if row.not_after <= now:
-        row.add(CHECK_EXPIRY, "ERROR", f"expired on {when}, {-row.days_left:.1f} days ago{source}")
+        row.add(CHECK_EXPIRY, "ERROR", f"expired on {when}, {-row.days_left:.1f} days ago{read}")
     elif row.days_left < fail_below_days:
         row.add(CHECK_EXPIRY, "ERROR",
-                f"expires on {when}, in {row.days_left:.1f} days (fail_below_days is {fail_below_days}){source}")
+                f"expires on {when}, in {row.days_left:.1f} days (fail_below_days is {fail_below_days}){read}")
     elif row.days_left < renew_before_days:
         row.add(CHECK_EXPIRY, "WARN",
-                f"expires on {when}, in {row.days_left:.1f} days (renew_before_days is {renew_before_days}){source}")
+                f"expires on {when}, in {row.days_left:.1f} days (renew_before_days is {renew_before_days}){read}")
 
 
 def _check_cert_manager(row: InventoryRow, now: datetime) -> None:
@@ -422,6 +449,7 @@ def _cert_manager_status(certificate: dict[str, Any]) -> CertManagerStatus:
         ready_reason=ready.get("reason"),
         ready_message=ready.get("message"),
         issuing=(conditions.get("Issuing") or {}).get("status") == "True",
+        not_before=_timestamp(status.get("notBefore")),
         not_after=_timestamp(status.get("notAfter")),
         renewal_time=_timestamp(status.get("renewalTime")),
         revision=status.get("revision"),
@@ -457,6 +485,7 @@ def _table_row(row: InventoryRow) -> dict[str, Any]:
     served = {True: "= stored", False: "≠ stored", None: ""}[row.served_is_stored]
     return {
         "days left": None if row.days_left is None else round(row.days_left, 1),
+        "not before": f"{row.not_before:%Y-%m-%d %H:%M}" if row.not_before else "",
         "not after": f"{row.not_after:%Y-%m-%d %H:%M}" if row.not_after else "",
         "source": row.source,
         "name": row.name,

@@ -8,8 +8,10 @@ Three sources make an :class:`Evidence`:
 - :func:`load_manifests` reads every YAML document under a directory (the
   static part, for CI); Helm templates cannot be judged before rendering and
   are listed as skipped;
-- :class:`GraphEvidence`: the latest backups, restore tests and certificates
-  of this asset graph, built by the Dagster asset from its own runs.
+- :class:`GraphEvidence`: what this asset graph's own runs proved about
+  backups, restore tests and certificates, built by the Dagster asset from
+  the check results those runs yielded (never from "the latest
+  materialization", which a failed run leaves untouched).
 
 Objects are plain dicts (the JSON of the API) with ``apiVersion`` and ``kind``
 set. The helpers at the end (:func:`ref`, :func:`pod_spec`,
@@ -78,7 +80,18 @@ class ManifestError(OpsPlatformError):
 
 
 @dataclass(frozen=True)
+class FailedRun:
+    """The latest run of an asset failed or was refused: what it said, and where to read it."""
+
+    description: str
+    run_id: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class BackupEvidence:
+    """A backup that its own run verified (its ``artifact_checksum`` check passed)."""
+
     datastore: str
     backup_id: str
     recovery_point: datetime | None
@@ -88,20 +101,28 @@ class BackupEvidence:
 
 @dataclass(frozen=True)
 class RestoreTestEvidence:
+    """The latest restore test of a datastore: ``passed`` only when every one of its checks passed."""
+
     datastore: str
     passed: bool
     restore_seconds: float | None
     finished_at: datetime
     run_id: str | None = None
     url: str | None = None
+    description: str | None = None
+    """Why it did not pass (the failed checks' descriptions, or the run's failure)."""
 
 
 @dataclass(frozen=True)
 class CertificateEvidence:
+    """One certificate of the latest certificate inventory; ``days_left`` None: its expiry is unknown."""
+
     name: str
-    days_left: float
+    days_left: float | None
     run_id: str | None = None
     url: str | None = None
+    not_before: datetime | None = None
+    not_after: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,12 @@ class GraphEvidence:
     ``datastores`` and ``restore_tested`` name what the spec expects, so a
     datastore that has no backup (or no restore test) at all fails instead of
     going unnoticed; leave them empty to judge only what the lists hold.
+    ``rpo_minutes`` / ``rto_minutes`` are the platform's objectives, for any
+    datastore the ``*_by_datastore`` maps do not name (see :meth:`rpo_for`).
+    ``failed_backups``: datastores whose latest backup run failed (the newest
+    verified backup still decides the RPO). ``failed_inventory``: the latest
+    certificate inventory run failed, so ``certificates`` is empty;
+    ``inventory_taken`` False: no inventory has ever run.
     """
 
     backups: list[BackupEvidence]
@@ -122,6 +149,17 @@ class GraphEvidence:
     now: datetime
     datastores: list[str] = field(default_factory=list)
     restore_tested: list[str] = field(default_factory=list)
+    rpo_minutes_by_datastore: dict[str, int] = field(default_factory=dict)
+    rto_minutes_by_datastore: dict[str, int] = field(default_factory=dict)
+    failed_backups: dict[str, FailedRun] = field(default_factory=dict)
+    failed_inventory: FailedRun | None = None
+    inventory_taken: bool = True
+
+    def rpo_for(self, datastore: str) -> int:
+        return self.rpo_minutes_by_datastore.get(datastore, self.rpo_minutes)
+
+    def rto_for(self, datastore: str) -> int:
+        return self.rto_minutes_by_datastore.get(datastore, self.rto_minutes)
 
 
 @dataclass(frozen=True)
