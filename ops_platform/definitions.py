@@ -31,12 +31,8 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
     playbook_jobs = alert_sensors.build_playbook_jobs(spec)
     return dg.Definitions(
         assets=build_assets(spec),
-        asset_checks=[
-            *infra.build_layer_checks(spec),
-            *releases.build_release_checks(spec),
-            *certificates.build_certificate_checks(spec),
-            *compliance.build_compliance_checks(spec),
-        ],
+        # No standalone checks: every check is declared on its asset and yielded by the run that did the work.
+        asset_checks=releases.build_release_checks(spec),
         jobs=[*backup_jobs, *playbook_jobs],
         sensors=[
             *image_tag_sensors.build_image_tag_sensor(spec, environment),
@@ -45,7 +41,7 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
         ],
         schedules=[
             *backup_schedules.build_schedules(spec, backup_jobs, environment),
-            *report_schedules.build_report_schedules(spec),
+            *report_schedules.build_report_schedules(spec, environment),
         ],
         resources=build_resources(spec, environment),
     )

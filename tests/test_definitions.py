@@ -223,3 +223,13 @@ def test_dagster_validate_reports_a_bad_spec(tmp_path):
     output = result.stdout + result.stderr
     assert str(bad) in output
     assert "objectives.rto_minutes" in output
+
+
+def test_every_check_is_declared_on_its_asset_and_yielded_by_its_run():
+    defs = build_definitions(SPEC, "local")
+    assert list(defs.asset_checks or []) == []  # no standalone check reading "the latest materialization"
+    graph = defs.resolve_asset_graph()
+    declared = {key.name for asset in defs.assets for key in asset.check_keys}
+    assert {"artifact_checksum", "data_verified", "rto_within_objective", "rpo_within_objective",
+            "rollout_available", "drift", "expiry", "no_open_error_findings"} <= declared
+    assert all(graph.get(key).is_executable for key in graph.get_all_asset_keys())

@@ -145,11 +145,6 @@ def test_an_unreadable_trust_roots_file_fails_the_inventory_with_the_setting(no_
         f"certificate inventory failed: trust roots: cannot read {missing}: No such file or directory")
 
 
-def test_no_standalone_checks_are_left():
-    assert certificate_assets.build_certificate_checks(BASE) == []
-    assert compliance_assets.build_compliance_checks(BASE) == []
-
-
 # compliance/report
 
 

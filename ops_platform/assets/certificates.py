@@ -188,8 +188,3 @@ def build_certificate_assets(spec: Spec, *, clock: Clock = utc_now) -> list[dg.A
         return dg.MaterializeResult(metadata=metadata)
 
     return [inventory, renewals]
-
-
-def build_certificate_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
-    """None left: the inventory run yields its own checks (see `build_certificate_assets`)."""
-    return []

@@ -328,8 +328,3 @@ def build_compliance_assets(spec: Spec, *, clock: Clock = utc_now) -> list[dg.As
         )
 
     return [report]
-
-
-def build_compliance_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
-    """None left: the report run yields its own check (see `build_compliance_assets`)."""
-    return []

@@ -41,11 +41,6 @@ def build_layer_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     return [_layer_asset(spec, layer) for layer in spec.layers_in_order()]
 
 
-def build_layer_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
-    """None: `drift` and the requirement checks are declared on each layer asset and yielded by its run."""
-    return []
-
-
 def layer_metadata(result: LayerResult) -> dict[str, object]:
     totals = result.totals()
     diffs = [f"**{o.ref}**\n```diff\n{o.diff}\n```" for o in result.objects if o.diff]

@@ -4,11 +4,13 @@ import dagster as dg
 
 from ops_platform.assets.certificates import INVENTORY_KEY, RENEWALS_KEY
 from ops_platform.assets.compliance import REPORT_KEY
+from ops_platform.environment import schedule_status
 from ops_platform.spec import Spec
 
 
-def build_report_schedules(spec: Spec) -> list[dg.ScheduleDefinition]:
+def build_report_schedules(spec: Spec, environment: str = "local") -> list[dg.ScheduleDefinition]:
     timezone = spec.platform.timezone
+    status = schedule_status(environment)
     return [
         dg.ScheduleDefinition(
             name="certificate_scan",
@@ -16,6 +18,7 @@ def build_report_schedules(spec: Spec) -> list[dg.ScheduleDefinition]:
             execution_timezone=timezone,
             target=dg.AssetSelection.assets(INVENTORY_KEY, RENEWALS_KEY),
             description="Inventory every certificate, then renew those inside their window.",
+            default_status=status,
         ),
         dg.ScheduleDefinition(
             name="compliance_report",
@@ -23,5 +26,6 @@ def build_report_schedules(spec: Spec) -> list[dg.ScheduleDefinition]:
             execution_timezone=timezone,
             target=dg.AssetSelection.assets(REPORT_KEY),
             description="Weekly compliance report.",
+            default_status=status,
         ),
     ]
