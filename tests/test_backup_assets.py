@@ -21,9 +21,13 @@ from dagster._core.loader import LoadingContextForTest
 from dagster._core.test_utils import freeze_time
 
 from ops_platform.assets import backups as backup_assets
+from ops_platform.assets.compliance import graph_evidence
 from ops_platform.assets.keys import backup_key, restore_test_key
 from ops_platform.backups import metrics
 from ops_platform.backups.catalog import BackupCatalog
+from ops_platform.compliance.controls.graph import backups_within_rpo, restore_tests_within_rto
+from ops_platform.compliance.evidence import Evidence
+from ops_platform.compliance.model import ControlConfig
 from ops_platform.local_servers import free_port
 from ops_platform.resources.alerting import PushgatewayResource
 from ops_platform.resources.kubernetes import KubernetesResource
@@ -194,6 +198,12 @@ def test_a_refused_restore_test_leaves_failed_checks_not_the_last_green_ones(set
     assert store.head(artifact.key) is not None
     assert catalog.latest_verified() == manifest
     assert pushed(resources, metrics.RESTORE_TEST_JOB)["ops_platform_restore_test_passed"] == 0
+    # Compliance reads the same verdicts: the latest restore test failed, whatever passed before.
+    evidence = Evidence(source="test", kinds=frozenset({"graph"}), graph=graph_evidence(spec, instance, datetime.now(UTC)))
+    [outcome] = restore_tests_within_rto.check(evidence, ControlConfig.from_spec(spec))
+    assert not outcome.passed and "failed its checksum" in outcome.message
+    [backup_outcome] = backups_within_rpo.check(evidence, ControlConfig.from_spec(spec))
+    assert backup_outcome.passed and manifest.backup_id in backup_outcome.message
 
 
 def test_restore_test_measures_and_its_run_yields_the_checks(setup):
