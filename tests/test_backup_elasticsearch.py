@@ -10,7 +10,7 @@ import pytest
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
-from ops_platform.backups.elasticsearch_snapshot import ElasticsearchSnapshotDriver, snapshot_name
+from ops_platform.backups.elasticsearch_snapshot import ElasticsearchClient, ElasticsearchSnapshotDriver, snapshot_name
 from ops_platform.errors import OpsPlatformError, ServerUnreachableError
 from ops_platform.local_servers.process import free_port
 from ops_platform.resources.object_store import LocalObjectStore
@@ -215,3 +215,84 @@ def test_object_store_down_deletes_the_snapshot_it_could_not_record(es: Elastics
         BackupCatalog(broken_store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
     assert es.snapshots == {}
     assert [r.method for r in es.requests if "/_snapshot/onto-snapshots/ops-" in r.path][-1] == "DELETE"
+
+
+def listed_snapshots(es: ElasticsearchFake) -> list[str]:
+    client = ElasticsearchClient(es.url, user="ops_backup", password=PASSWORD, setting="the test's fake")
+    return [s["snapshot"] for s in client.request("GET", "/_snapshot/onto-snapshots/_all")["snapshots"]]
+
+
+def test_expire_deletes_only_that_snapshot_and_an_already_gone_one_is_fine(
+    es: ElasticsearchFake, store: LocalObjectStore
+) -> None:
+    datastore = spec(es.url)
+    catalog = BackupCatalog(store, datastore.name)
+    old = catalog.run_backup(driver(), datastore, "2026-11-21", password=PASSWORD)
+    kept = catalog.run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    assert listed_snapshots(es) == [old.restore["snapshot"], kept.restore["snapshot"]]
+
+    said = driver().expire(old, store)
+
+    assert said == f"elasticsearch: deleted snapshot {old.restore['snapshot']} in repository onto-snapshots at {es.url}"
+    assert listed_snapshots(es) == [kept.restore["snapshot"]]
+    [delete] = [r for r in es.writes() if r.method == "DELETE"]
+    assert delete.path == f"/_snapshot/onto-snapshots/{old.restore['snapshot']}"
+    assert driver().verify(kept, store).ok
+    assert "was already gone; nothing to delete" in driver().expire(old, store)
+    assert listed_snapshots(es) == [kept.restore["snapshot"]]
+
+
+def test_expire_while_a_restore_reads_the_snapshot_is_refused_and_keeps_it(
+    es: ElasticsearchFake, store: LocalObjectStore
+) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    es.restore_in_progress("onto-snapshots", manifest.restore["snapshot"])
+
+    with pytest.raises(BackupError) as caught:
+        driver().expire(manifest, store)
+
+    message = str(caught.value)
+    assert f"DELETE /_snapshot/onto-snapshots/{manifest.restore['snapshot']} at {es.url} failed (503 " in message
+    assert "cannot delete snapshot during a restore in progress" in message
+    assert "can be deleted once that ends" in message
+    assert listed_snapshots(es) == [manifest.restore["snapshot"]]
+
+
+def test_expire_with_the_repository_unregistered_says_how_to_mend_it(
+    es: ElasticsearchFake, store: LocalObjectStore
+) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    es.repositories.clear()
+    with pytest.raises(BackupError, match=r"failed \(404 repository_missing_exception: .*"
+                                          r"register the repository again \(PUT _snapshot/onto-snapshots"):
+        driver().expire(manifest, store)
+    assert list(es.snapshots) == [("onto-snapshots", manifest.restore["snapshot"])]
+
+
+def test_expire_with_the_server_down_or_a_wrong_password_is_a_clear_backup_error(
+    es: ElasticsearchFake, store: LocalObjectStore
+) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+
+    with pytest.raises(BackupError, match="authentication failed .*ops_backup.*ES_PASSWORD") as caught:
+        driver(password_for={"ES_PASSWORD": "wrong-one"}.get).expire(manifest, store)
+    assert "wrong-one" not in str(caught.value)
+
+    es.stop()
+    with pytest.raises(BackupError) as caught:
+        driver().expire(manifest, store)
+    message = str(caught.value)
+    assert f"could not delete snapshot {manifest.restore['snapshot']} in repository onto-snapshots" in message
+    assert f"connection refused at {es.url}" in message
+    assert "check connection.url of datastore 'elasticsearch_logs'" in message
+
+
+def test_expire_timeout_bounds_the_wait_for_the_deletion(es: ElasticsearchFake, store: LocalObjectStore) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    with es.lock:  # the fake answers nothing while a test holds its lock, like a master busy deleting files
+        with pytest.raises(BackupError, match=r"no answer within 0.2 s"):
+            driver(expire_timeout=0.2).expire(manifest, store)

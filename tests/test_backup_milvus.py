@@ -10,7 +10,12 @@ import pytest
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
-from ops_platform.backups.milvus_backup import MilvusBackupDriver, MilvusRestCollections, backup_name
+from ops_platform.backups.milvus_backup import (
+    MilvusBackupClient,
+    MilvusBackupDriver,
+    MilvusRestCollections,
+    backup_name,
+)
 from ops_platform.errors import OpsPlatformError, ServerUnreachableError
 from ops_platform.local_servers.process import free_port
 from ops_platform.resources.object_store import LocalObjectStore
@@ -213,3 +218,68 @@ def test_object_store_down_deletes_the_backup_it_could_not_record(milvus: Milvus
         BackupCatalog(LocalObjectStore(blocked / "store"), datastore.name).run_backup(
             driver(milvus), datastore, "2026-11-22")
     assert milvus.backups == {}
+
+
+def listed_backups(milvus: MilvusBackupFake) -> list[str]:
+    client = MilvusBackupClient(milvus.backup_url, setting="the test's fake")
+    return [backup["name"] for backup in client.call("GET", "/list")]
+
+
+def test_expire_deletes_only_that_backup_and_an_already_gone_one_is_fine(
+    milvus: MilvusBackupFake, store: LocalObjectStore
+) -> None:
+    datastore = spec(milvus.backup_url)
+    catalog = BackupCatalog(store, datastore.name)
+    old = catalog.run_backup(driver(milvus), datastore, "2026-11-21")
+    kept = catalog.run_backup(driver(milvus), datastore, "2026-11-22")
+    name = old.restore["backup_name"]
+
+    said = driver(milvus).expire(old, store)
+
+    assert said == f"milvus-backup: deleted backup {name} at {milvus.backup_url}"
+    assert listed_backups(milvus) == [kept.restore["backup_name"]]
+    [delete] = [r for r in milvus.writes() if r.method == "DELETE"]
+    assert (delete.path, delete.query) == ("/api/v1/delete", {"backup_name": name})
+    assert driver(milvus).verify(kept, store).ok
+    assert "was already gone; nothing to delete" in driver(milvus).expire(old, store)
+    assert listed_backups(milvus) == [kept.restore["backup_name"]]
+
+
+def test_expire_that_cannot_remove_the_files_says_where_to_look(
+    milvus: MilvusBackupFake, store: LocalObjectStore
+) -> None:
+    datastore = spec(milvus.backup_url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(milvus), datastore, "2026-11-22")
+    milvus.fail_deletes()
+
+    with pytest.raises(BackupError) as caught:
+        driver(milvus).expire(manifest, store)
+
+    message = str(caught.value)
+    assert f"could not delete backup {manifest.restore['backup_name']} at {milvus.backup_url} (code 3)" in message
+    assert "success" not in message and "milvus-backup server's log" in message
+    assert listed_backups(milvus) == [manifest.restore["backup_name"]]
+    assert "deleted backup" in driver(milvus).expire(manifest, store)  # the next prune retries
+    assert listed_backups(milvus) == []
+
+
+def test_expire_at_a_url_that_does_not_serve_the_api_is_not_taken_for_gone(
+    milvus: MilvusBackupFake, store: LocalObjectStore
+) -> None:
+    datastore = spec(milvus.backup_url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(milvus), datastore, "2026-11-22")
+    wrong_path = f"{milvus.backup_url}/milvus-backup"  # an HTTP 404, not milvus-backup's code 404
+    elsewhere = manifest.model_copy(update={"restore": {**manifest.restore, "url": wrong_path}})
+    with pytest.raises(BackupError, match=r"could not delete backup .*failed \(404\): 404 page not found"):
+        driver(milvus).expire(elsewhere, store)
+    assert listed_backups(milvus) == [manifest.restore["backup_name"]]
+
+
+def test_expire_with_the_server_down_names_url_and_setting(milvus: MilvusBackupFake, store: LocalObjectStore) -> None:
+    datastore = spec(milvus.backup_url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(milvus), datastore, "2026-11-22")
+    milvus.stop()
+    with pytest.raises(BackupError, match=rf"could not delete backup {manifest.restore['backup_name']}: "
+                                          rf"milvus-backup: connection refused at {milvus.backup_url} "
+                                          r"\(check connection.url of datastore 'milvus_vectors'\)"):
+        driver(milvus).expire(manifest, store)

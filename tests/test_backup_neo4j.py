@@ -207,6 +207,19 @@ def test_backup_and_restore_through_jobs(
     assert leftovers(kube_api) == []
 
 
+def test_a_backup_leaves_nothing_outside_its_catalog_prefix_so_it_needs_no_expire(
+    kube: KubernetesClient, kube_api: KubeApiServer, controller: JobController, store: S3ObjectStore
+) -> None:
+    datastore = spec()
+    catalog = BackupCatalog(store, datastore.name)
+    manifest = catalog.run_backup(Neo4jBackupDriver(kube, job_timeout=5), datastore, "2026-11-22", password=PASSWORD)
+
+    prefix = catalog.prefix(manifest.partition, manifest.backup_id)
+    assert sorted(o.key for o in store.list("")) == [f"{prefix}manifest.json", f"{prefix}neo4j.backup"]
+    assert leftovers(kube_api) == []
+    assert not hasattr(Neo4jBackupDriver, "expire")
+
+
 def test_failed_job_reports_its_reason_and_log_tail(
     kube: KubernetesClient, kube_api: KubeApiServer, controller: JobController, store: S3ObjectStore
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ import pytest
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
-from ops_platform.backups.velero_backup import RESTORE_TEST_LABEL, VELERO_API, VeleroBackupDriver
+from ops_platform.backups.velero_backup import RESTORE_TEST_LABEL, VELERO_API, VeleroBackupDriver, backup_name
 from ops_platform.errors import ServerUnreachableError
 from ops_platform.local_servers.process import free_port
 from ops_platform.resources.kubernetes import KubernetesClient, KubernetesResource
@@ -55,7 +56,8 @@ SCHEDULE = {
 @pytest.fixture
 def kube(kubeconfig_path: Path, kube_api: KubeApiServer) -> KubernetesClient:
     client = KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake").get_client()
-    for kind, plural in (("Backup", "backups"), ("Restore", "restores"), ("Schedule", "schedules")):
+    for kind, plural in (("Backup", "backups"), ("Restore", "restores"), ("Schedule", "schedules"),
+                         ("DeleteBackupRequest", "deletebackuprequests")):
         client.apply(crd(kind, plural))
     client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "velero"}})
     for namespace in ("ontology-editor", "data"):
@@ -293,3 +295,162 @@ def test_body_failure_cleans_up(
                 raise RuntimeError("check failed")
     assert kube_api.get_object("v1", "namespaces", "velero-restore-test") is None
     assert kube_api.state.list(kube_api.state.resolve(VELERO_API, "restores"), "velero", {})["items"] == []
+
+
+def backups_in_cluster(kube_api: KubeApiServer) -> list[str]:
+    rtype = kube_api.state.resolve(VELERO_API, "backups")
+    return sorted(o["metadata"]["name"] for o in kube_api.state.list(rtype, "velero", {})["items"])
+
+
+def delete_requests(kube_api: KubeApiServer) -> list[dict[str, Any]]:
+    rtype = kube_api.state.resolve(VELERO_API, "deletebackuprequests")
+    return kube_api.state.list(rtype, "velero", {})["items"]
+
+
+@contextmanager
+def velero_deletions(kube_api: KubeApiServer, errors: list[str] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Plays Velero's backup deletion controller: removes the Backup (its files and snapshots are Velero's
+    business), marks the request Processed and, after a clean deletion, deletes the backup's requests;
+    with ``errors`` the Backup stays, Deleting, and the request keeps the errors."""
+
+    def process(request: dict[str, Any]) -> Status:
+        name = request["spec"]["backupName"]
+        backup = kube_api.get_object(VELERO_API, "backups", name, "velero")
+        if backup is None:
+            return {"phase": "Processed", "errors": ["backup not found"]}
+        if errors:
+            kube_api.set_status(VELERO_API, "backups", name, "velero", {**backup["status"], "phase": "Deleting"})
+            return {"phase": "Processed", "errors": errors}
+        kube_api.delete_object(VELERO_API, "backups", name, "velero")
+        return {"phase": "Processed"}
+
+    def clean_up(request: dict[str, Any]) -> None:
+        if errors:
+            return
+        labels = request["metadata"]["labels"]
+        for other in delete_requests(kube_api):
+            if all(other["metadata"]["labels"].get(k) == labels[k]
+                   for k in ("velero.io/backup-name", "velero.io/backup-uid")):
+                kube_api.delete_object(VELERO_API, "deletebackuprequests", other["metadata"]["name"], "velero")
+
+    with velero_controller(kube_api, "deletebackuprequests", process, clean_up) as requests:
+        yield requests
+
+
+def test_expire_deletes_only_that_backup_through_a_delete_backup_request(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore
+) -> None:
+    datastore = spec()
+    catalog = BackupCatalog(store, datastore.name)
+    with velero_controller(kube_api, "backups", completed(42)):
+        old = catalog.run_backup(VeleroBackupDriver(kube, backup_timeout=5), datastore, "2026-11-21")
+        kept = catalog.run_backup(VeleroBackupDriver(kube, backup_timeout=5), datastore, "2026-11-22")
+    name = old.restore["backup_name"]
+    uid = kube_api.get_object(VELERO_API, "backups", name, "velero")["metadata"]["uid"]
+    driver = VeleroBackupDriver(kube, delete_timeout=5)
+
+    with velero_deletions(kube_api) as requests:
+        said = driver.expire(old, store)
+
+    [request] = requests
+    assert request["metadata"]["namespace"] == "velero" and request["metadata"]["name"].startswith(f"{name}-")
+    assert request["metadata"]["labels"] == {"velero.io/backup-name": name, "velero.io/backup-uid": uid}
+    assert request["spec"] == {"backupName": name}
+    assert said.startswith(f"velero: deleted Backup velero/{name} with its files in the backup storage location")
+    assert backups_in_cluster(kube_api) == [kept.restore["backup_name"]]
+    assert delete_requests(kube_api) == []
+    assert driver.verify(kept, store).ok
+
+    before = writes(kube_api)
+    assert "was already gone (expired by its ttl or deleted); nothing to delete" in driver.expire(old, store)
+    assert writes(kube_api) == before
+
+
+def test_expire_reports_what_velero_could_not_delete(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore
+) -> None:
+    datastore = spec()
+    manifest = _committed(kube, kube_api, store, datastore)
+    name = manifest.restore["backup_name"]
+    read_only = "cannot delete backup because backup storage location default is currently in read-only mode"
+
+    with velero_deletions(kube_api, errors=[read_only]):
+        with pytest.raises(BackupError, match=rf"Velero could not delete Backup velero/{name}: {read_only} "
+                                              rf"\(DeleteBackupRequest velero/{name}-"):
+            VeleroBackupDriver(kube, delete_timeout=5).expire(manifest, store)
+
+    assert backups_in_cluster(kube_api) == [name]
+
+
+def test_expire_of_a_backup_velero_finds_gone_is_fine(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore
+) -> None:
+    datastore = spec()
+    manifest = _committed(kube, kube_api, store, datastore)
+    name = manifest.restore["backup_name"]
+
+    def ttl_expired_first(request: dict[str, Any]) -> Status:
+        kube_api.delete_object(VELERO_API, "backups", name, "velero")
+        return {"phase": "Processed", "errors": ["backup not found"]}
+
+    with velero_controller(kube_api, "deletebackuprequests", ttl_expired_first):
+        said = VeleroBackupDriver(kube, delete_timeout=5).expire(manifest, store)
+    assert said.startswith(f"velero: Backup velero/{name} was already gone when Velero processed")
+
+
+@pytest.mark.parametrize("velero_says, shown", [
+    (None, r"not picked up yet \(is the Velero server running\?\)"),
+    ({"phase": "InProgress"}, "InProgress"),
+])
+def test_expire_that_velero_does_not_finish_gives_up_after_the_timeout(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, velero_says: Status | None, shown: str
+) -> None:
+    datastore = spec()
+    manifest = _committed(kube, kube_api, store, datastore)
+    name = manifest.restore["backup_name"]
+    with velero_controller(kube_api, "deletebackuprequests", lambda request: velero_says):
+        with pytest.raises(BackupError, match=rf"Backup velero/{name} was not deleted within 1 s: "
+                                              rf"DeleteBackupRequest velero/{name}-\w+ \(velero.io/v1\) is {shown}; "
+                                              "Velero may still finish it"):
+            VeleroBackupDriver(kube, delete_timeout=1).expire(manifest, store)
+    assert backups_in_cluster(kube_api) == [name]
+
+
+def test_expire_of_a_long_backup_name_labels_the_request_as_velero_does(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore
+) -> None:
+    schedule = "onto-cluster-daily-with-a-rather-long-name"
+    kube.apply({**SCHEDULE, "metadata": {"name": schedule, "namespace": "velero"}})
+    datastore = Datastore.model_validate({**spec().model_dump(exclude_none=True),
+                                          "velero": {"schedule": schedule, "included_namespaces": ["data"]}})
+    with velero_controller(kube_api, "backups", completed(7)):
+        manifest = BackupCatalog(store, datastore.name).run_backup(
+            VeleroBackupDriver(kube, backup_timeout=5), datastore, "2026-11-22")
+    name = manifest.restore["backup_name"]
+    assert name == backup_name(schedule, manifest.backup_id) and len(name) > 63
+
+    with velero_deletions(kube_api) as requests:
+        VeleroBackupDriver(kube, delete_timeout=5).expire(manifest, store)
+
+    label = requests[0]["metadata"]["labels"]["velero.io/backup-name"]
+    assert label == name[:57] + hashlib.sha256(name.encode()).hexdigest()[:6]
+    assert backups_in_cluster(kube_api) == []
+
+
+def test_expire_with_the_api_server_down_is_a_backup_error_naming_it(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    manifest = _committed(kube, kube_api, store, spec())
+    address = f"http://127.0.0.1:{free_port()}"
+    kubeconfig = tmp_path / "down-kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "down",
+        "clusters": [{"name": "down", "cluster": {"server": address}}],
+        "users": [{"name": "down", "user": {"token": "t"}}],
+        "contexts": [{"name": "down", "context": {"cluster": "down", "user": "down"}}],
+    }))
+    down = KubernetesResource(kubeconfig=str(kubeconfig), context="down").get_client()
+    with pytest.raises(BackupError, match=rf"could not delete Backup velero/{manifest.restore['backup_name']}: "
+                                          rf".*connection refused at {address} \(check KUBECONFIG"):
+        VeleroBackupDriver(down).expire(manifest, store)
+    assert backups_in_cluster(kube_api) == [manifest.restore["backup_name"]]

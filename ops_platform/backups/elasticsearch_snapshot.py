@@ -10,6 +10,10 @@ of each index, ``PUT _snapshot/<repo>/<name>?wait_for_completion=false``, poll
 ``GET _snapshot/<repo>/<name>`` until SUCCESS (FAILED or PARTIAL fail the
 backup with the shard failures; a timeout aborts the snapshot).
 
+Expire (retention drops the backup): ``DELETE _snapshot/<repo>/<name>``, which
+Elasticsearch answers once the snapshot's files that no other snapshot shares
+are gone from the repository; a snapshot already missing counts as expired.
+
 Restore test: ``POST _snapshot/<repo>/<name>/_restore`` with
 ``rename_pattern``/``rename_replacement`` so every index comes back as
 ``<rename_prefix><index>``, without aliases or global state, then ``_count``
@@ -176,8 +180,8 @@ class ElasticsearchClient:
         snapshots = found.get("snapshots") or []
         return snapshots[0] if snapshots else None
 
-    def delete_snapshot(self, repository: str, name: str) -> None:
-        self.request("DELETE", f"/_snapshot/{quote(repository, safe='')}/{quote(name, safe='')}")
+    def delete_snapshot(self, repository: str, name: str, *, timeout: float | None = None) -> None:
+        self.request("DELETE", f"/_snapshot/{quote(repository, safe='')}/{quote(name, safe='')}", timeout=timeout)
 
 
 def _error_of(document: Any, text: str) -> tuple[str, str]:
@@ -219,6 +223,8 @@ class ElasticsearchSnapshotDriver:
     ``password_for`` resolves a ``password_env`` name to the password (the
     Dagster shell passes ``os.environ.get``); the backup itself uses
     ``job.password``. ``clock`` and ``sleep`` drive the polling.
+    ``expire_timeout`` bounds the wait for a snapshot deletion, which
+    Elasticsearch answers only when the repository's files are removed.
     """
 
     engine = "elasticsearch"
@@ -232,6 +238,7 @@ class ElasticsearchSnapshotDriver:
         restore_timeout: float = 3600.0,
         poll_interval: float = 5.0,
         request_timeout: float = 30.0,
+        expire_timeout: float = 600.0,
         verify_tls: bool | str = True,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -241,6 +248,7 @@ class ElasticsearchSnapshotDriver:
         self.restore_timeout = restore_timeout
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
+        self.expire_timeout = expire_timeout
         self.verify_tls = verify_tls
         self.clock = clock
         self.sleep = sleep
@@ -338,6 +346,28 @@ class ElasticsearchSnapshotDriver:
                 f"snapshot {restore['snapshot']} has uuid {info.get('uuid')}, the backup recorded {restore['uuid']}"
             )
         return Verification(not problems, tuple(problems), {**checked, "state": info.get("state")})
+
+    def expire(self, manifest: Any, store: ObjectStore) -> str:
+        """Delete the backup's snapshot from the repository; one already gone counts as expired."""
+        restore = manifest.restore
+        repository, name = restore["repository"], restore["snapshot"]
+        client = self._client(
+            restore["url"], restore.get("user"), self._password(restore.get("password_env")),
+            f"connection.url of datastore '{manifest.datastore}'", restore.get("password_env"),
+        )
+        snapshot = f"snapshot {name} in repository {repository} at {client.url}"
+        try:
+            client.delete_snapshot(repository, name, timeout=self.expire_timeout)
+        except ElasticsearchError as error:
+            if error.status == 404 and error.error_type == "snapshot_missing_exception":
+                return f"elasticsearch: {snapshot} was already gone; nothing to delete"
+            raise BackupError(
+                f"elasticsearch: could not delete snapshot {name} of backup {manifest.backup_id}: "
+                f"{str(error).removeprefix('elasticsearch: ')}{_expire_hint(error, repository)}"
+            ) from None
+        except OpsPlatformError as error:
+            raise BackupError(f"could not delete {snapshot}: {error}") from None
+        return f"elasticsearch: deleted {snapshot}"
 
     @contextmanager
     def restore(
@@ -501,6 +531,17 @@ def same_endpoint(url_a: str, url_b: str) -> bool:
     port_a = a.port or default.get(a.scheme, 0)
     port_b = b.port or default.get(b.scheme, 0)
     return same_server(a.hostname or "", port_a, b.hostname or "", port_b)
+
+
+def _expire_hint(error: ElasticsearchError, repository: str) -> str:
+    if error.error_type == "repository_missing_exception":
+        return (f"; register the repository again (PUT _snapshot/{repository}, check elasticsearch.repository) "
+                "so the snapshot can be deleted, or remove it from the repository's bucket by hand")
+    if error.error_type == "concurrent_snapshot_execution_exception":
+        return "; a restore from this snapshot (a restore test?) is running: it can be deleted once that ends"
+    if error.status == 403:
+        return "; the user needs the 'manage' cluster privilege to delete snapshots"
+    return ""
 
 
 def _failures(info: dict[str, Any]) -> str:

@@ -13,6 +13,10 @@ configured with ``http.simpleResponse: true`` strips the segments from its
 answers: the backup is then recorded without counts (``details.counts``
 says why); set it to false for verified restore tests.
 
+Expire (retention drops the backup): ``DELETE /api/v1/delete?backup_name=``,
+which removes the backup's directory from milvus-backup's bucket; code 404
+(Request_Object_Not_Found) means it is already gone.
+
 Restore test: ``POST /api/v1/restore`` with ``collection_renames``
 (``<rename_prefix><collection>``) and ``async: true``, poll
 ``GET /api/v1/get_restore?id=`` until SUCCESS (2). milvus-backup restores into
@@ -55,17 +59,24 @@ from ops_platform.spec import RestoreTest
 BACKUP_ARTIFACT = "backup.json"
 DEFAULT_DB = "default"
 BACKUP_SUCCESS, BACKUP_FAIL, BACKUP_TIMEOUT = 2, 3, 4
+CODE_FAIL, CODE_NOT_FOUND = 3, 404  # milvus-backup's ResponseCode Fail and Request_Object_Not_Found
 RESTORE_SUCCESS, RESTORE_FAIL, RESTORE_TIMEOUT = 2, 3, 4
 STATE_NAMES = {0: "INITIAL", 1: "EXECUTING", 2: "SUCCESS", 3: "FAIL", 4: "TIMEOUT"}
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
 
 class MilvusError(OpsPlatformError):
-    """milvus-backup or Milvus answered with an error code."""
+    """milvus-backup or Milvus answered with an error code; ``reason`` is the server's own ``msg``.
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    ``http_status`` is set when the HTTP answer itself failed (then ``code`` is that status too).
+    """
+
+    def __init__(self, message: str, code: int | None = None, reason: str | None = None,
+                 http_status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
+        self.http_status = http_status
 
 
 def _send(
@@ -93,6 +104,7 @@ def _send(
             f"{system}: {method} {path} at {base_url} failed ({response.status_code}): "
             f"{document.get('error') or document.get('msg') or document.get('message')}",
             response.status_code,
+            http_status=response.status_code,
         )
     return document
 
@@ -113,7 +125,7 @@ class MilvusBackupClient:
         code = document.get("code", 0)
         if code:
             raise MilvusError(f"milvus-backup: {method} /api/v1{path} at {self.url} failed "
-                              f"(code {code}): {document.get('msg')}", code)
+                              f"(code {code}): {document.get('msg')}", code, document.get("msg"))
         return document.get("data") or {}
 
     def create(self, name: str, collections: list[str]) -> dict[str, Any]:
@@ -213,7 +225,8 @@ class MilvusBackupDriver:
     """Backs up a datastore with ``engine: milvus``, ``method: milvus_backup``.
 
     ``connection.url`` is the milvus-backup server; ``milvus`` reaches Milvus
-    itself for row counts and drops during restore tests.
+    itself for row counts and drops during restore tests. ``expire_timeout``
+    bounds a deletion, which milvus-backup answers once the files are removed.
     """
 
     engine = "milvus"
@@ -227,10 +240,12 @@ class MilvusBackupDriver:
         restore_timeout: float = 3600.0,
         poll_interval: float = 5.0,
         request_timeout: float = 30.0,
+        expire_timeout: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.milvus = milvus
+        self.expire_timeout = expire_timeout
         self.backup_timeout = backup_timeout
         self.restore_timeout = restore_timeout
         self.poll_interval = poll_interval
@@ -292,6 +307,31 @@ class MilvusBackupDriver:
             return Verification(False, (f"milvus-backup backup {restore['backup_name']} is in state "
                                         f"{STATE_NAMES.get(state, state)}, not SUCCESS",), checked)
         return Verification(True, (), {**checked, "state": "SUCCESS"})
+
+    def expire(self, manifest: Any, store: ObjectStore) -> str:
+        """Delete the backup from milvus-backup's bucket; one already gone counts as expired."""
+        restore = manifest.restore
+        name = restore["backup_name"]
+        client = MilvusBackupClient(restore["url"], timeout=self.expire_timeout,
+                                    setting=f"connection.url of datastore '{manifest.datastore}'")
+        try:
+            client.delete(name)
+        except MilvusError as error:
+            if error.http_status is None and error.code == CODE_NOT_FOUND:
+                return f"milvus-backup: backup {name} at {client.url} was already gone; nothing to delete"
+            if error.http_status is None and error.code == CODE_FAIL:
+                # milvus-backup answers a failed removal with the msg of its preceding lookup, often "success".
+                said = "" if error.reason in (None, "", "success") else f": {error.reason}"
+                raise BackupError(
+                    f"milvus-backup: could not delete backup {name} at {client.url} (code {CODE_FAIL}{said}); "
+                    "its files may be partly left in the backup bucket: check the milvus-backup server's log "
+                    "and its access to that bucket (minio settings in backup.yaml)"
+                ) from None
+            raise BackupError(f"milvus-backup: could not delete backup {name}: "
+                              f"{str(error).removeprefix('milvus-backup: ')}") from None
+        except OpsPlatformError as error:
+            raise BackupError(f"milvus-backup: could not delete backup {name}: {error}") from None
+        return f"milvus-backup: deleted backup {name} at {client.url}"
 
     @contextmanager
     def restore(

@@ -25,6 +25,10 @@ it. Hence: the object store must be S3 (a local directory store cannot be
 reached from a pod), and the artifact transits the Job's emptyDir, so the
 node needs free ephemeral storage of the size of the backup.
 
+No ``expire``: a backup's only bytes are its artifact under the catalog's
+prefix (the Job's emptyDir goes with its pod, Neo4j keeps no backup chain), so
+the catalog deleting its artifacts is the whole of retention.
+
 Restore test: a Job fetches the artifact (``aws s3 cp``, sha256 checked),
 restores or loads it into ``restore_test.target.database`` of a throwaway
 Neo4j started inside the Job's own pod, creates that database, counts nodes

@@ -11,6 +11,14 @@ narrowed to ``velero.included_namespaces`` when set), wait for a final phase.
 Completed is a backup; Failed, PartiallyFailed and FailedValidation are not.
 Counts: ``status.progress.itemsBackedUp``.
 
+Expire (retention drops the backup): what ``velero backup delete`` does, a
+DeleteBackupRequest in the Velero namespace (label ``velero.io/backup-name``,
+``spec.backupName``), so Velero itself removes the backup's files from the
+BackupStorageLocation, its volume snapshots and its Restores, then the Backup.
+The driver waits ``delete_timeout`` for Velero to process the request and the
+Backup to disappear, and reports Velero's errors or what it still waits for.
+A Backup already gone (its ``ttl`` expired first) counts as expired.
+
 Restore test: every backed-up namespace is mapped to a scratch namespace
 (``namespaceMapping``): one namespace goes to ``restore_test.target.namespace``;
 several go to ``<rename_prefix><ns>`` or, without a prefix,
@@ -31,10 +39,12 @@ Velero and the message says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,13 +62,15 @@ from ops_platform.backups.base import (
     Verification,
 )
 from ops_platform.errors import OpsPlatformError
-from ops_platform.resources.kubernetes import Condition, KubernetesClient, WaitTimeout, deleted
+from ops_platform.resources.kubernetes import Condition, KubernetesClient, WaitTimeout, deleted, describe
 from ops_platform.resources.object_store import ObjectStore
 from ops_platform.spec import RestoreTest
 
 VELERO_API = "velero.io/v1"
 BACKUP_ARTIFACT = "backup.json"
 SCHEDULE_LABEL = "velero.io/schedule-name"
+BACKUP_NAME_LABEL = "velero.io/backup-name"
+BACKUP_UID_LABEL = "velero.io/backup-uid"
 BACKUP_ID_LABEL = "ops-platform/backup-id"
 RESTORE_TEST_LABEL = "ops-platform/restore-test"
 DONE_PHASES = ("Completed", "Failed", "PartiallyFailed", "FailedValidation")
@@ -70,6 +82,14 @@ def finished() -> Condition:
     return Condition(
         f"reach a final phase ({', '.join(DONE_PHASES)})",
         lambda obj: obj is not None and (obj.get("status") or {}).get("phase") in DONE_PHASES,
+    )
+
+
+def processed() -> Condition:
+    """A DeleteBackupRequest Velero has finished with; it removes the request itself after a clean deletion."""
+    return Condition(
+        "be processed by Velero (phase Processed)",
+        lambda obj: obj is None or (obj.get("status") or {}).get("phase") == "Processed",
     )
 
 
@@ -129,11 +149,15 @@ class VeleroBackupDriver:
         backup_timeout: float = 3600.0,
         restore_timeout: float = 3600.0,
         namespace_timeout: float = 300.0,
+        delete_timeout: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
         self.backup_timeout = backup_timeout
         self.restore_timeout = restore_timeout
         self.namespace_timeout = namespace_timeout
+        self.delete_timeout = delete_timeout
+        self.clock = clock
 
     def backup(self, job: BackupJob) -> BackupOutcome:
         datastore = job.datastore
@@ -218,6 +242,56 @@ class VeleroBackupDriver:
         if phase != "Completed":
             return Verification(False, (f"velero Backup {checked['backup']} is {phase}, not Completed",), checked)
         return Verification(True, (), {**checked, "phase": phase})
+
+    def expire(self, manifest: Any, store: ObjectStore) -> str:
+        """Have Velero delete the Backup with its stored files and volume snapshots, as `velero backup delete`."""
+        restore = manifest.restore
+        namespace, name = restore["velero_namespace"], restore["backup_name"]
+        backup = f"Backup {namespace}/{name}"
+        deadline = self.clock() + self.delete_timeout
+        try:
+            found = self.kube.get(VELERO_API, "Backup", name, namespace)
+            if found is None:
+                return f"velero: {backup} was already gone (expired by its ttl or deleted); nothing to delete"
+            request = delete_backup_request(name, namespace, (found.get("metadata") or {}).get("uid", ""))
+            self.kube.apply(request)
+            return self._await_deletion(backup, name, namespace, request["metadata"]["name"], deadline)
+        except BackupError:
+            raise
+        except OpsPlatformError as error:
+            raise BackupError(f"velero: could not delete {backup}: {error}") from None
+
+    def _await_deletion(self, backup: str, name: str, namespace: str, request_name: str, deadline: float) -> str:
+        request = describe(VELERO_API, "DeleteBackupRequest", request_name, namespace)
+        try:
+            done = self.kube.wait_for(VELERO_API, "DeleteBackupRequest", request_name, namespace, processed(),
+                                      timeout=max(deadline - self.clock(), 0.0))
+        except WaitTimeout:
+            pending = self.kube.get(VELERO_API, "DeleteBackupRequest", request_name, namespace) or {}
+            phase = (pending.get("status") or {}).get("phase")
+            raise BackupError(
+                f"velero: {backup} was not deleted within {self.delete_timeout:g} s: {request} is "
+                f"{phase or 'not picked up yet (is the Velero server running?)'}; Velero may still finish it "
+                f"(`kubectl -n {namespace} get deletebackuprequest {request_name} -o yaml`)"
+            ) from None
+        errors = [str(e) for e in ((done or {}).get("status") or {}).get("errors") or []]
+        if errors == ["backup not found"]:
+            return f"velero: {backup} was already gone when Velero processed {request}; nothing to delete"
+        if errors:
+            raise BackupError(
+                f"velero: Velero could not delete {backup}: {'; '.join(errors)} ({request}; "
+                f"`velero backup describe {name}` shows what is left)"
+            )
+        try:
+            self.kube.wait_for(VELERO_API, "Backup", name, namespace, deleted(),
+                               timeout=max(deadline - self.clock(), 0.0))
+        except WaitTimeout:
+            raise BackupError(
+                f"velero: {backup} still exists {self.delete_timeout:g} s after Velero processed {request} "
+                f"without errors (`velero backup describe {name}`)"
+            ) from None
+        return (f"velero: deleted {backup} with its files in the backup storage location and its volume "
+                f"snapshots ({request})")
 
     @contextmanager
     def restore(
@@ -305,6 +379,27 @@ class VeleroBackupDriver:
 
 def backup_name(schedule: str, backup_id: str) -> str:
     return f"{schedule}-ops-{backup_id.lower()}"
+
+
+def delete_backup_request(backup: str, namespace: str, uid: str) -> dict[str, Any]:
+    """The DeleteBackupRequest `velero backup delete` creates (its generateName, spelled out for apply)."""
+    return {
+        "apiVersion": VELERO_API,
+        "kind": "DeleteBackupRequest",
+        "metadata": {
+            "name": f"{backup[:240]}-{secrets.token_hex(3)}",
+            "namespace": namespace,
+            "labels": {BACKUP_NAME_LABEL: velero_label(backup), BACKUP_UID_LABEL: uid},
+        },
+        "spec": {"backupName": backup},
+    }
+
+
+def velero_label(name: str) -> str:
+    """Velero's ``label.GetValidName``: a name longer than a label value ends in 6 hex digits of its sha256."""
+    if len(name) <= 63:
+        return name
+    return name[:57] + hashlib.sha256(name.encode()).hexdigest()[:6]
 
 
 def scratch_namespaces(

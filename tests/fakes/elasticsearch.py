@@ -10,10 +10,18 @@ Follows the documented request and response shapes of Elasticsearch 8:
 - ``GET _snapshot/<repo>``, ``POST _snapshot/<repo>/_verify``,
   ``PUT|POST _snapshot/<repo>/<snap>`` (``wait_for_completion``; body
   ``indices``, ``include_global_state``), ``GET _snapshot/<repo>/<snap>``
-  (``{"snapshots": [...], "total", "remaining"}``), ``DELETE`` of a snapshot;
-  a snapshot is IN_PROGRESS for ``polls_to_finish`` reads, then SUCCESS, or the
-  state injected with :meth:`ElasticsearchFake.fail_next_snapshot`; it holds
-  the document counts its indices had when it started;
+  (``{"snapshots": [...], "total", "remaining"}``; ``<snap>`` may be ``_all``,
+  a ``*`` pattern or a comma list, a missing concrete name is 404
+  ``snapshot_missing_exception``); a snapshot is IN_PROGRESS for
+  ``polls_to_finish`` reads, then SUCCESS, or the state injected with
+  :meth:`ElasticsearchFake.fail_next_snapshot`; it holds the document counts
+  its indices had when it started;
+- ``DELETE _snapshot/<repo>/<snap>`` (one name): the snapshot leaves every
+  listing; one still IN_PROGRESS is aborted and deleted, as the delete
+  snapshot API documents; one that a restore is reading
+  (:meth:`ElasticsearchFake.restore_in_progress`) is refused with 503
+  ``concurrent_snapshot_execution_exception`` ("cannot delete snapshot during
+  a restore in progress"), as ``SnapshotsService`` refuses it;
 - ``POST _snapshot/<repo>/<snap>/_restore`` with ``indices``,
   ``rename_pattern``/``rename_replacement`` (Java ``$1`` groups), refusing an
   open index of the same name (500 ``snapshot_restore_exception``);
@@ -124,6 +132,7 @@ class ElasticsearchFake:
         self.repositories: dict[str, Json] = {}
         self.snapshots: dict[tuple[str, str], Snapshot] = {}
         self.requests: list[RecordedRequest] = []
+        self.restoring: set[tuple[str, str]] = set()  # (repository, snapshot) a restore is reading
         self._next_outcome: tuple[str, str] | None = None
         self._verify_failure: str | None = None
         self._http: ThreadingHTTPServer | None = None
@@ -170,6 +179,11 @@ class ElasticsearchFake:
         """Snapshots never leave IN_PROGRESS (a stuck repository)."""
         with self.lock:
             self.polls_to_finish = 10**9
+
+    def restore_in_progress(self, repository: str, name: str) -> None:
+        """A restore from this snapshot is running (a long restore test): deleting it is refused."""
+        with self.lock:
+            self.restoring.add((repository, name))
 
     def fail_verification(self, reason: str) -> None:
         with self.lock:
@@ -253,18 +267,38 @@ class ElasticsearchFake:
         key = (repository, name)
         if len(parts) == 2 and method in ("PUT", "POST"):
             return self._create_snapshot(repository, name, query, body)
+        if len(parts) == 2 and method == "GET":
+            listed = self._matching_snapshots(repository, name)
+            for snapshot in listed:
+                self._advance(snapshot)
+            return 200, {"snapshots": [snapshot.info(self.version) for snapshot in listed],
+                         "total": len(listed), "remaining": 0}
         snapshot = self.snapshots.get(key)
         if snapshot is None:
             raise EsError(404, "snapshot_missing_exception", f"[{repository}:{name}] is missing")
-        if len(parts) == 2 and method == "GET":
-            self._advance(snapshot)
-            return 200, {"snapshots": [snapshot.info(self.version)], "total": 1, "remaining": 0}
         if len(parts) == 2 and method == "DELETE":
+            if key in self.restoring:
+                described = f"{repository}:{name}/{snapshot.uuid}"
+                raise EsError(503, "concurrent_snapshot_execution_exception",
+                              f"[{described}] cannot delete snapshot during a restore in progress in [[{described}]]")
             del self.snapshots[key]
             return 200, {"acknowledged": True}
         if parts[2:] == ["_restore"] and method == "POST":
             return self._restore(snapshot, query, body)
         raise EsError(405, "method_not_allowed", f"{method} _snapshot/{'/'.join(parts)} is not served by this fake")
+
+    def _matching_snapshots(self, repository: str, expression: str) -> list[Snapshot]:
+        found: list[Snapshot] = []
+        in_repository = sorted((s for (r, _), s in self.snapshots.items() if r == repository),
+                               key=lambda s: (s.started_ms, s.name))
+        for pattern in (p for p in expression.split(",") if p):
+            if pattern == "_all" or "*" in pattern:
+                found += [s for s in in_repository if pattern == "_all" or fnmatch.fnmatchcase(s.name, pattern)]
+            elif (repository, pattern) in self.snapshots:
+                found.append(self.snapshots[(repository, pattern)])
+            else:
+                raise EsError(404, "snapshot_missing_exception", f"[{repository}:{pattern}] is missing")
+        return list({id(s): s for s in found}.values())
 
     def _create_snapshot(self, repository: str, name: str, query: dict[str, str], body: Json) -> tuple[int, Any]:
         if (repository, name) in self.snapshots:

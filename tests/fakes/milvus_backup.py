@@ -5,7 +5,12 @@ a cluster:
 
 - ``backup_url``: milvus-backup's ``/api/v1`` as its gin server answers it:
   ``POST /create`` (``backup_name``, ``collection_names``, ``async``),
-  ``GET /get_backup?backup_name=``, ``GET /list``, ``DELETE /delete?backup_name=``,
+  ``GET /get_backup?backup_name=``, ``GET /list``, ``DELETE /delete?backup_name=``
+  (the backup leaves ``/list`` and ``/get_backup``; code 404 when there is no
+  such backup, 400 "empty backup name" without one; when removing its files
+  from the bucket fails, :meth:`MilvusBackupFake.fail_deletes`, the backup
+  stays and the answer is code 3 with the msg of the server's own preceding
+  lookup, "success", as ``BackupContext.DeleteBackup`` answers),
   ``POST /restore`` (``collection_names``, ``collection_suffix``,
   ``collection_renames``, ``async``), ``GET /get_restore?id=``. Bodies are the
   protobuf messages as Go's encoding/json writes them: snake_case names,
@@ -88,6 +93,7 @@ class MilvusBackupFake:
     requests: list[RecordedRequest] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
     _fail_next: tuple[str, str] | None = None
+    _failing_deletes: int = 0
     _servers: list[ThreadingHTTPServer] = field(default_factory=list)
 
     @property
@@ -127,6 +133,11 @@ class MilvusBackupFake:
         with self.lock:
             self._fail_next = (kind, message)
 
+    def fail_deletes(self, times: int = 1) -> None:
+        """The next ``times`` deletions cannot remove the backup's files from the bucket (access denied)."""
+        with self.lock:
+            self._failing_deletes = times
+
     def hold(self) -> None:
         """Backups and restores never leave EXECUTING."""
         with self.lock:
@@ -150,8 +161,15 @@ class MilvusBackupFake:
         if route == ("GET", "/list"):
             return {"msg": "success", "data": [self._shown(t.info) for t in self.backups.values()]}
         if route == ("DELETE", "/delete"):
-            if self.backups.pop(query.get("backup_name", ""), None) is None:
+            name = query.get("backup_name", "")
+            if not name:
+                return {"code": 400, "msg": "empty backup name"}
+            if name not in self.backups:
                 return {"code": 404, "msg": "backup does not exist"}
+            if self._failing_deletes:
+                self._failing_deletes -= 1
+                return {"code": FAIL, "msg": "success"}
+            del self.backups[name]
             return {"msg": "success"}
         if route == ("POST", "/restore"):
             return self._restore(body)
