@@ -37,7 +37,7 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
         sensors=[
             *image_tag_sensors.build_image_tag_sensor(spec, environment),
             *alert_sensors.build_alert_sensor(spec, playbook_jobs, backup_jobs, environment),
-            *run_failure_sensors.build_run_failure_sensor(),
+            *run_failure_sensors.build_ops_alert_sensors(spec, environment),
         ],
         schedules=[
             *backup_schedules.build_schedules(spec, backup_jobs, environment),

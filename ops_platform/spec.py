@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Literal, get_args
@@ -38,6 +38,10 @@ Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
 Owner = Annotated[str, StringConstraints(pattern=r"^(team:[A-Za-z0-9_-]+|[^@\s]+@[^@\s]+\.[^@\s]+)$")]
 Cron = Annotated[str, StringConstraints(pattern=r"^\S+( \S+){4}$")]
 EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")]
+KubeNamespace = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+AwsAccount = Annotated[str, StringConstraints(pattern=r"^[0-9]{12}$")]
+# The chart's namespace (InfraSpec §3.3), where an environment without an entry in `environments` lives.
+DEFAULT_NAMESPACE = "ontology-editor"
 
 Playbook = Literal[
     "restart_workload",
@@ -312,8 +316,47 @@ class Compliance(_Model):
 
 
 class Registry(_Model):
-    account: Annotated[str, StringConstraints(pattern=r"^[0-9]{12}$")]
+    account: AwsAccount
     region: str
+
+
+class Environment(_Model):
+    """Where one environment (dev, staging, prod) lives: its cluster, namespace, AWS account and region.
+
+    The cluster is ``kube_context`` (a context of ``KUBECONFIG``) or
+    ``in_cluster: true`` (the service account of the pod this code runs in);
+    neither: the cluster of the ``kubernetes`` resource (``KUBECONFIG`` /
+    ``OPS_KUBE_CONTEXT``). Releases of the environment write only to its
+    namespace of that cluster. ``aws_account`` and ``aws_region`` are those of
+    its ECR repositories ``<service>-<env>`` and IAM roles; unset, those of
+    ``images.registry``.
+    """
+
+    kube_context: str | None = Field(default=None, min_length=1)
+    in_cluster: bool = False
+    namespace: KubeNamespace
+    aws_account: AwsAccount | None = None
+    aws_region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> Environment:
+        if self.in_cluster and self.kube_context is not None:
+            raise ValueError(
+                "kube_context and in_cluster: true name two clusters; keep one "
+                "(kube_context: a context of KUBECONFIG, or in_cluster: the pod's own cluster)"
+            )
+        return self
+
+    @property
+    def cluster(self) -> str:
+        """The cluster as people name it: the context, ``in-cluster``, or the ``kubernetes`` resource's."""
+        if self.kube_context is not None:
+            return f"kube context {self.kube_context!r}"
+        return "the pod's own cluster (in_cluster)" if self.in_cluster else "the cluster of KUBECONFIG / OPS_KUBE_CONTEXT"
+
+    def _cluster_identity(self) -> str:
+        # Unset and in-cluster are the same cluster when running in a pod without KUBECONFIG.
+        return f"context:{self.kube_context}" if self.kube_context is not None else "default"
 
 
 class Service(_Model):
@@ -361,7 +404,8 @@ Severity = Literal["info", "warning", "critical"]
 class Alerting(_Model):
     """Severity of the alerts this graph raises (failed runs, failed checks), by asset group."""
 
-    severity: dict[str, Severity] = {"backups": "critical", "restore_tests": "critical"}
+    # "playbooks": failed remediation runs (op jobs, no asset group).
+    severity: dict[str, Severity] = {"backups": "critical", "restore_tests": "critical", "playbooks": "critical"}
     default_severity: Severity = "warning"
 
     def severity_of(self, group: str | None) -> str:
@@ -378,8 +422,15 @@ class Spec(_Model):
     certificates: Certificates = Certificates()
     compliance: Compliance = Compliance()
     images: Images | None = None
+    environments: dict[Name, Environment] = {}
     remediations: list[Remediation] = []
     max_concurrent_remediations: int = Field(default=3, ge=1)
+
+    @field_validator("environments")
+    @classmethod
+    def _environments_apart(cls, value: dict[str, Environment]) -> dict[str, Environment]:
+        _require_apart(value)
+        return value
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Spec:
@@ -402,6 +453,7 @@ class Spec(_Model):
             if store.layer is not None and store.layer not in layer_names:
                 raise ValueError(f"datastore {store.name!r} names unknown layer {store.layer!r}")
         _schedules_hold_rpo(self)
+        _environments_located(self)
         if self.images is not None:
             for service in self.images.services:
                 unknown = [e for e in service.environments if e not in self.platform.environments]
@@ -420,6 +472,22 @@ class Spec(_Model):
 
     def layer(self, name: str) -> Layer:
         return next(layer for layer in self.layers if layer.name == name)
+
+    def environment(self, name: str) -> Environment:
+        """Where environment ``name`` lives (its entry in ``environments``, else the default location)."""
+        if name not in self.platform.environments:
+            raise KeyError(f"{name!r} is not one of platform.environments ({', '.join(self.platform.environments)})")
+        return self.environments.get(name) or Environment(namespace=DEFAULT_NAMESPACE)
+
+    def registry_of(self, environment: str) -> Registry:
+        """The ECR registry of an environment's repositories: its aws_account and aws_region, else images.registry."""
+        if self.images is None:
+            raise ValueError("the spec has no images section")
+        located = self.environment(environment)
+        return Registry(
+            account=located.aws_account or self.images.registry.account,
+            region=located.aws_region or self.images.registry.region,
+        )
 
     def datastore(self, name: str) -> Datastore:
         return next(store for store in self.datastores if store.name == name)
@@ -453,6 +521,48 @@ def _require_unique(values: Iterable[object], what: str) -> None:
         seen.add(value)
     if duplicates:
         raise ValueError(f"duplicate {what} name(s): {', '.join(sorted(set(duplicates)))}")
+
+
+def _require_apart(environments: Mapping[str, Environment]) -> None:
+    """No two environments in one namespace of one cluster: their releases would write the same objects."""
+    by_place: dict[tuple[str, str], list[str]] = {}
+    for name, environment in environments.items():
+        by_place.setdefault((environment._cluster_identity(), environment.namespace), []).append(name)
+    for (_, namespace), names in by_place.items():
+        if len(names) > 1:
+            where = environments[names[0]].cluster
+            raise ValueError(
+                f"{' and '.join(names)} both live in namespace {namespace!r} of {where}: a release of one would "
+                "overwrite the other's objects (give each its own kube_context or namespace)"
+            )
+
+
+def _environments_located(spec: Spec) -> None:
+    """Every name in `environments` is a platform environment; given at all, the mapping covers every one."""
+    known = spec.platform.environments
+    problems = [
+        f"environments.{name}: not one of platform.environments ({', '.join(known)})"
+        for name in spec.environments if name not in known
+    ]
+    if spec.environments:
+        problems += [
+            f"environments.{name}: missing; say where {name} lives (kube_context or in_cluster: true, and namespace)"
+            for name in known if name not in spec.environments
+        ]
+    else:
+        try:
+            _require_apart({name: spec.environment(name) for name in known})
+        except ValueError as error:
+            problems.append(f"environments: not set, so {error}")
+    if spec.images is not None:
+        for index, service in enumerate(spec.images.services):
+            if "namespace" in service.model_fields_set:
+                problems.append(
+                    f"images.services[{index}:{service.name}].namespace: the namespace is the environment's; "
+                    "set environments.<env>.namespace instead"
+                )
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def _check_acyclic(graph: dict[str, list[str]]) -> None:
@@ -553,7 +663,7 @@ def parse_spec(raw: object, source: Path | str = "<spec>") -> Spec:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key (not part of the spec)"
-            if not error["loc"] and re.match(r"^\w+\[", message):  # a spec-wide rule that names its own fields
+            if not error["loc"] and re.match(r"^\w+(\[|\.\w|: )", message):  # a spec-wide rule that names its fields
                 problems.extend(message.splitlines())
                 continue
             problems.append(f"{location}: {message}")

@@ -385,6 +385,23 @@ class Alertmanager:
         payload = [alert.to_api() if isinstance(alert, PostableAlert) else dict(alert) for alert in alerts]
         self._http.request("POST", "/api/v2/alerts", json_body=payload)
 
+    def resolve(self, alerts: Sequence[Alert], *, at: datetime | None = None) -> None:
+        """End firing ``alerts``: post them again, same labels, with ``endsAt`` = ``at`` (default now).
+
+        Never before an alert's own start, which Alertmanager would refuse.
+        """
+        end = at or self._clock()
+        self.post_alerts([
+            PostableAlert(
+                labels=alert.labels,
+                annotations=alert.annotations,
+                starts_at=alert.starts_at,
+                ends_at=max(end, alert.starts_at),
+                generator_url=alert.generator_url,
+            )
+            for alert in alerts
+        ])
+
     def create_silence(
         self,
         matchers: Mapping[str, str] | Sequence[Matcher],
