@@ -11,6 +11,7 @@ pod's service account.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,29 @@ class KindNotServed(KubernetesError):
 
 class WaitTimeout(KubernetesError):
     """An object did not reach a condition within the time allowed."""
+
+
+@dataclass(frozen=True)
+class FieldOwner:
+    """A field an apply wanted to set and the field manager that owns it with another value."""
+
+    manager: str
+    field: str
+
+
+class FieldConflict(KubernetesError):
+    """A server-side apply without ``force`` would change fields another field manager owns.
+
+    The API server changed nothing; ``conflicts`` names each field and its manager.
+    """
+
+    def __init__(self, message: str, conflicts: tuple[FieldOwner, ...]) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+    @property
+    def managers(self) -> list[str]:
+        return sorted({conflict.manager for conflict in self.conflicts})
 
 
 @dataclass(frozen=True)
@@ -190,7 +214,11 @@ class KubernetesClient:
     def apply(
         self, manifest: dict[str, Any], *, dry_run: bool = False, force: bool = True
     ) -> ApplyResult:
-        """Server-side apply one object; with ``dry_run`` the server validates and stores nothing."""
+        """Server-side apply one object; with ``dry_run`` the server validates and stores nothing.
+
+        ``force`` takes over fields another field manager owns with another value; without it
+        the server refuses and :class:`FieldConflict` names the fields and their managers.
+        """
         api_version, kind, name, namespace = _identity(manifest)
         resource = self.kind(api_version, kind)
         if not resource.namespaced:
@@ -318,6 +346,10 @@ class KubernetesClient:
             lambda: resource.get(namespace=namespace, field_selector=f"metadata.name={name}"),
         )
         resource_version = listing.metadata.resourceVersion
+        # The state as of the listing: a change between the caller's last read and this list would
+        # otherwise never be reported (the watch starts after it) and the wait would sit out a window.
+        items = listing.items or []
+        yield ("MODIFIED", items[0].to_dict()) if items else ("DELETED", {})
         # The server closes the watch after `window` seconds, before the read timeout.
         window = max(1, min(int(remaining + 0.999), int(self.request_timeout) - 1, 60))
         watcher = k8s_watch.Watch()
@@ -356,6 +388,15 @@ class KubernetesClient:
 
     def _translate(self, exc: ApiException, action: str) -> KubernetesError:
         message = _status_message(exc)
+        conflicts = _field_conflicts(exc)
+        if conflicts:
+            owned = ", ".join(f"{c.field} (owned by {c.manager!r})" for c in conflicts)
+            return FieldConflict(
+                f"kubernetes: {action} as field manager {self.field_manager!r} would change field(s) another "
+                f"manager owns: {owned}; nothing was changed (leave the field(s) to that manager, or have it "
+                "give them up, before applying again)",
+                conflicts,
+            )
         if exc.status in (401, 403):
             return KubernetesError(
                 f"kubernetes: {action} was refused ({exc.status} {exc.reason}: {message}); "
@@ -426,6 +467,34 @@ def _status_message(exc: ApiException) -> str:
         return json.loads(exc.body).get("message") or str(exc.body)
     except (TypeError, ValueError, AttributeError):
         return str(exc.body or exc.reason)
+
+
+# What the API server says in each cause of an apply conflict: `conflict with "<manager>"`, followed by
+# ` with subresource "<name>"` and ` using <apiVersion>[ at <time>]` for managers of Update operations.
+_CONFLICT_MANAGER = re.compile(r'conflict with "((?:[^"\\]|\\.)*)"')
+
+
+def _field_conflicts(exc: ApiException) -> tuple[FieldOwner, ...]:
+    """The FieldManagerConflict causes of a 409 answer to an apply, or () for any other error."""
+    import json
+
+    if exc.status != 409:
+        return ()
+    try:
+        status = json.loads(exc.body)
+    except (TypeError, ValueError):
+        return ()
+    if not isinstance(status, dict) or status.get("reason") != "Conflict":
+        return ()
+    conflicts = []
+    for cause in (status.get("details") or {}).get("causes") or []:
+        if not isinstance(cause, dict) or cause.get("reason") != "FieldManagerConflict":
+            continue
+        message = str(cause.get("message", ""))
+        found = _CONFLICT_MANAGER.search(message)
+        manager = found.group(1).replace('\\"', '"') if found else message
+        conflicts.append(FieldOwner(manager, str(cause.get("field", "?"))))
+    return tuple(conflicts)
 
 
 _CACHE_DIR: Path | None = None
