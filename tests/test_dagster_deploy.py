@@ -284,7 +284,7 @@ def test_concurrency_pools_match_the_assets(values: dict[str, Any]) -> None:
     assert instance["concurrency"]["pools"]["default_limit"] == 1
     run_limits = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
     instance_limits = instance["run_coordinator"]["config"]["tag_concurrency_limits"]
-    expected = {"backup_io": 2, "kube_api": 4}
+    expected = {"backup_io": 2, "kube_api": 4, "remediation": 3}
     assert {limit["value"]: limit["limit"] for limit in run_limits} == expected
     assert {limit["value"]: limit["limit"] for limit in instance_limits} == expected
 

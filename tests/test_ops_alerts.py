@@ -375,3 +375,19 @@ def test_a_garbled_cursor_fails_the_tick_saying_how_to_reset_it(instance, alertm
     with pytest.raises(OpsPlatformError, match=r"cursor 'not-a-number' is not a storage id; reset it with "
                                         r"`dagster sensor cursor ops_alert_sensor --delete`"):
         tick(instance, "not-a-number", alertmanager_server.url)
+
+
+def test_a_playbook_run_its_guard_refused_pages_no_one_and_a_real_failure_does():
+    from ops_platform.playbooks.base import REFUSED_TAG
+    from ops_platform.sensing.run_failures import FinishedRun, run_alerts
+    from ops_platform.spec import Alerting
+
+    when = datetime(2026, 12, 1, tzinfo=UTC)
+    failed = FinishedRun(run_id="r1", job_name="playbook_restart_workload", tags={}, failed=True, ended_at=when,
+                         url="http://ui/runs/r1", step_failures={"run_restart_workload": "pod not found"})
+    [alert] = run_alerts(failed, Alerting()).firing
+    assert alert.labels["severity"] == "critical" and alert.annotations["description"] == "pod not found"
+    refused = FinishedRun(run_id="r2", job_name="playbook_restart_workload", tags={REFUSED_TAG: "cooldown"},
+                          failed=True, ended_at=when, url="http://ui/runs/r2",
+                          step_failures={"run_restart_workload": "target is cooling down until 10:30"})
+    assert run_alerts(refused, Alerting()).firing == []

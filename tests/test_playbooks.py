@@ -19,7 +19,7 @@ from ops_platform.playbooks.base import PLAYBOOK_FIELD_MANAGER
 from ops_platform.playbooks.expand_pvc import format_quantity, parse_quantity
 from ops_platform.playbooks.restart_workload import RESTARTED_AT
 from ops_platform.releases import REVISION_ANNOTATION
-from ops_platform.resources.kubernetes import KubernetesClient
+from ops_platform.resources.kubernetes import FieldConflict, FieldOwner, KubernetesClient
 from ops_platform.spec import PLAYBOOKS as SPEC_PLAYBOOKS
 from tests.fakes.kube_api import KubeApiServer
 from tests.test_certificates import CERTIFICATE_CRD, CM, certificate_object, play_cert_manager
@@ -209,6 +209,7 @@ def test_scale_steps_within_min_and_max(kube: KubernetesClient, kube_api: KubeAp
     release(kube, "0123abc", replicas=3)
     result = run_playbook("scale_workload", ctx(kube), APP_LABELS)
     assert (result.before, result.after, result.changed) == ({"replicas": 3}, {"replicas": 4}, True)
+    assert "took over .spec.replicas from 'ops-platform'" in result.summary, "the release's field, said so"
     assert live_deployment(kube_api)["spec"]["replicas"] == 4
     assert live_deployment(kube_api)["spec"]["template"]["spec"]["containers"], "the release's fields are kept"
 
@@ -235,6 +236,34 @@ def test_scale_raises_the_hpa_floor_instead_of_fighting_it(kube: KubernetesClien
     result = run_playbook("scale_workload", ctx(kube), APP_LABELS, step=3)
     assert result.after["minReplicas"] == 5, "capped at the HPA's maxReplicas"
     assert not run_playbook("scale_workload", ctx(kube), APP_LABELS).changed
+
+
+def test_a_field_another_manager_owns_is_reported_by_name_and_left_alone(
+    kube: KubernetesClient, kube_api: KubeApiServer, kube_api_client: k8s_client.ApiClient
+) -> None:
+    release(kube, "0123abc", replicas=2)
+    person = KubernetesClient(kube_api_client, field_manager="platform-admin", request_timeout=5)
+    person.apply({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                  "metadata": {"name": "onto-backend-hpa", "namespace": NAMESPACE},
+                  "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "onto-backend"},
+                           "minReplicas": 3, "maxReplicas": 6}})
+    kube_api.requests.clear()
+
+    with pytest.raises(PlaybookRefused) as refused:
+        run_playbook("scale_workload", ctx(kube), APP_LABELS)
+    with pytest.raises(FieldConflict) as conflict:
+        kube.apply({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                    "metadata": {"name": "onto-backend-hpa", "namespace": NAMESPACE}, "spec": {"maxReplicas": 9}},
+                   force=False)
+
+    assert f"HorizontalPodAutoscaler {NAMESPACE}/onto-backend-hpa: .spec.minReplicas is owned by field manager " \
+        "'platform-admin'; the playbook left it unchanged" in str(refused.value)
+    hpa = kube_api.get_object("autoscaling/v2", "horizontalpodautoscalers", "onto-backend-hpa", NAMESPACE)
+    assert hpa["spec"]["minReplicas"] == 3
+    applies = [r for r in writes(kube_api) if "horizontalpodautoscalers" in r.path]
+    assert applies and all(r.query.get("force", "false").lower() == "false" for r in applies)
+    assert conflict.value.conflicts == (FieldOwner("platform-admin", ".spec.maxReplicas"),)
+    assert ".spec.maxReplicas (owned by 'platform-admin'); nothing was changed" in str(conflict.value)
 
 
 def test_rollback_returns_to_the_previous_replicaset(

@@ -48,13 +48,14 @@ def test_image_tag_sensor_learns_then_releases_each_new_digest_once(aws_env):
             client.create_repository(repositoryName=service.repository(env))
     push_image(client, "onto-backend-dev", "0a1b2c3", "layer-1")
     defs = build_definitions(SPEC, "local")
-    resources = {"ecr": EcrResource(region="ap-northeast-2")}
+    resources = {f"ecr_{env}": EcrResource(region="ap-northeast-2") for env in ("dev", "staging")}
 
     first = tick(defs, "image_tag_sensor", None, resources)
     assert first.run_requests == [] and "cursor initialised" in first.skip_message
     time.sleep(1.1)  # imagePushedAt has one-second resolution
     digest = push_image(client, "onto-backend-dev", "1234abc", "layer-2")
     push_image(client, "onto-backend-dev", "latest", "layer-3")
+    push_image(client, "onto-backend-prod", "1234abc", "layer-2")  # prod waits for staging (promotion_sensor)
     second = tick(defs, "image_tag_sensor", first.cursor, resources)
     [request] = second.run_requests
     assert request.run_key == f"onto-backend-dev@{digest}"
@@ -72,7 +73,8 @@ def test_image_tag_sensor_without_aws_skips_with_the_setting(tmp_path, monkeypat
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     defs = build_definitions(SPEC, "local")
-    result = tick(defs, "image_tag_sensor", None, {"ecr": EcrResource(region="ap-northeast-2")})
+    result = tick(defs, "image_tag_sensor", None,
+                  {f"ecr_{env}": EcrResource(region="ap-northeast-2") for env in ("dev", "staging")})
     assert "AWS_ACCESS_KEY_ID" in result.skip_message
 
 
@@ -176,31 +178,3 @@ def test_remediation_outside_the_allow_list_is_refused(kubeconfig_path, kube_api
     )
     assert not result.success
     assert not [r for r in kube_api.requests if r.method in ("PATCH", "POST", "PUT", "DELETE")]
-
-
-def test_run_failure_sensor_posts_the_failed_run(alertmanager, alertmanager_server):
-    @dg.op
-    def breaks() -> None:
-        raise RuntimeError("disk full")
-
-    @dg.job(name="backup_broken")
-    def broken() -> None:
-        breaks()
-
-    instance = dg.DagsterInstance.ephemeral()
-    result = broken.execute_in_process(instance=instance, raise_on_error=False)
-    failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
-    defs = build_definitions(SPEC, "local")
-    context = dg.build_run_status_sensor_context(
-        sensor_name="run_failure_sensor", dagster_event=failure, dagster_instance=instance,
-        dagster_run=result.dagster_run, resources={"alertmanager": AlertmanagerResource(url=alertmanager_server.url)},
-    ).for_run_failure()
-    sensor(defs, "run_failure_sensor")(context)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        posted = [a for a in alertmanager.alerts(filters={"alertname": "OpsRunFailed"})
-                  if a.labels.get("job") == "backup_broken"]
-        if posted:
-            break
-        time.sleep(0.1)
-    assert posted and posted[0].labels["severity"] == "critical"

@@ -6,6 +6,12 @@ A playbook is one function ``run(ctx, params, **options) -> PlaybookResult``:
 playbook checks the target namespace against ``ctx.allowed_namespaces``
 before any request, honours ``ctx.dry_run`` (server-side dry run, or no
 write at all) and reports the target as it was before and after.
+
+Playbooks write with :func:`apply_owned`: a server-side apply without
+``force``, so a field another field manager owns (an HPA's controller, a
+person's ``kubectl``) is reported by name and left alone, never taken; only a
+field of the platform's own releases is taken over, and said so
+(:data:`OWN_FIELD_MANAGERS`).
 """
 
 from __future__ import annotations
@@ -19,15 +25,31 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from ops_platform.errors import OpsPlatformError
-from ops_platform.resources.kubernetes import CLUSTER_SETTING, KubernetesClient
+from ops_platform.resources.kubernetes import (
+    CLUSTER_SETTING,
+    FIELD_MANAGER,
+    ApplyResult,
+    FieldConflict,
+    FieldOwner,
+    KubernetesClient,
+)
 
 # The releases apply whole objects as "ops-platform"; a playbook applying a
 # minimal patch under that same manager would make the server drop every field
 # the release set and the patch does not list. Playbooks own only what they set.
 PLAYBOOK_FIELD_MANAGER = "ops-platform-playbooks"
+# Field managers of this code location whose fields a playbook may take over: the releases own what
+# they applied (an HPA's minReplicas) and the next release sets it back, so the playbook does not
+# take anything from outside the platform. Every other manager's field is a conflict, reported.
+OWN_FIELD_MANAGERS = (FIELD_MANAGER,)
+# Labels naming a workload that is not a Deployment (kube-state-metrics names).
+OTHER_WORKLOAD_LABELS = ("statefulset", "daemonset", "replicaset", "job", "cronjob")
 
 # A namespace or object name (DNS-1123 subdomain).
 KubeName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)]
+
+# Run tag of a playbook run its guards refused (cooldown, allow-list): the guard held, nothing changed.
+REFUSED_TAG = "ops_platform/refused"
 
 
 class PlaybookRefused(OpsPlatformError):
@@ -111,6 +133,8 @@ class PlaybookParams(BaseModel):
 
     PLAYBOOK: ClassVar[str] = ""
     LABELS: ClassVar[dict[str, str]] = {}
+    # How :meth:`target` names a field when the label's name does not say the kind (``name``).
+    TARGET_NAMES: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_labels(cls, labels: Mapping[str, Any]) -> PlaybookParams:
@@ -122,7 +146,8 @@ class PlaybookParams(BaseModel):
             label = cls.LABELS.get(name, name)
             value = labels.get(label)
             if value in (None, ""):
-                raise PlaybookRefused(f"playbook {cls.PLAYBOOK}: the alert has no label {label!r}")
+                raise PlaybookRefused(f"playbook {cls.PLAYBOOK}: the alert has no label {label!r}"
+                                      f"{cls.missing_hint(label, labels)}")
             values[name] = value
         try:
             return cls(**values)
@@ -131,6 +156,86 @@ class PlaybookParams(BaseModel):
                 f"label {cls.LABELS.get(str(e['loc'][0]), str(e['loc'][0]))!r}: {e['msg']}" for e in exc.errors()
             )
             raise PlaybookRefused(f"playbook {cls.PLAYBOOK}: {problems}") from None
+
+    @classmethod
+    def missing_hint(cls, label: str, labels: Mapping[str, Any]) -> str:
+        """What to add to "the alert has no label": why the alert is not one this playbook acts on."""
+        return ""
+
+    def target(self) -> str:
+        """The object acted on, ``<namespace>/<kind>=<name>`` (``<kind>=<name>`` outside namespaces).
+
+        Cooldowns and the run tag ``ops_platform/target`` are per target: two Certificates of one
+        namespace are two targets.
+        """
+        fields = self.model_dump()
+        namespace = fields.pop("namespace", None)
+        named = ",".join(f"{self.TARGET_NAMES.get(name, self.LABELS.get(name, name))}={value}"
+                         for name, value in fields.items())
+        return f"{namespace}/{named}" if namespace else named
+
+
+class DeploymentParams(PlaybookParams):
+    """The parameters of the playbooks that act on one Deployment."""
+
+    namespace: KubeName
+    deployment: KubeName
+
+    @classmethod
+    def missing_hint(cls, label: str, labels: Mapping[str, Any]) -> str:
+        if label != "deployment":
+            return ""
+        for other in OTHER_WORKLOAD_LABELS:
+            if labels.get(other):
+                return f" (it names {other} {labels[other]!r}: {cls.PLAYBOOK} acts on Deployments only)"
+        if labels.get("pod"):
+            return (f" (pod {labels['pod']!r} is not named as a Deployment's pod, e.g. a StatefulSet's or a "
+                    f"bare pod: {cls.PLAYBOOK} acts on Deployments only)")
+        return ""
+
+
+@dataclass(frozen=True)
+class OwnedApply:
+    """What :func:`apply_owned` did: the server's answer and the fields taken from the platform's own managers."""
+
+    result: ApplyResult
+    taken: tuple[FieldOwner, ...] = ()
+
+    @property
+    def object(self) -> dict[str, Any]:
+        return self.result.object
+
+    @property
+    def action(self) -> str:
+        return self.result.action
+
+    def note(self) -> str:
+        """For the summary: the fields taken over, and from which of the platform's managers."""
+        if not self.taken:
+            return ""
+        fields = ", ".join(f"{owner.field} from {owner.manager!r}" for owner in self.taken)
+        return f" (took over {fields}: the next release sets it back)"
+
+
+def apply_owned(ctx: PlaybookContext, kube: KubernetesClient, playbook: str, target: str,
+                manifest: dict[str, Any]) -> OwnedApply:
+    """Server-side apply without ``force``; refuse naming the manager of any field another party owns.
+
+    A conflict only with :data:`OWN_FIELD_MANAGERS` (a release's field) is applied again with
+    ``force`` and reported in :attr:`OwnedApply.taken`.
+    """
+    try:
+        return OwnedApply(kube.apply(manifest, dry_run=ctx.dry_run, force=False))
+    except FieldConflict as conflict:
+        foreign = [owner for owner in conflict.conflicts if owner.manager not in OWN_FIELD_MANAGERS]
+        if foreign:
+            owned = ", ".join(f"{owner.field} is owned by field manager {owner.manager!r}" for owner in foreign)
+            raise PlaybookRefused(
+                f"playbook {playbook}: {target}: {owned}; the playbook left it unchanged rather than take it "
+                f"from {', '.join(sorted({o.manager for o in foreign}))} (change it through that manager, or "
+                "have it drop the field, then run the playbook again)"
+            ) from None
+        return OwnedApply(kube.apply(manifest, dry_run=ctx.dry_run, force=True), conflict.conflicts)
 
 
 def object_name(kind: str, namespace: str, name: str) -> str:

@@ -19,6 +19,7 @@ from ops_platform.playbooks.base import (
     PlaybookParams,
     PlaybookRefused,
     PlaybookResult,
+    apply_owned,
     existing,
 )
 
@@ -98,11 +99,11 @@ def run(
     if wanted <= current:
         return PlaybookResult(NAME, target, ctx.dry_run, False, before=before, after=before,
                               summary=f"{target} left as is: {requested} is already at the limit {limit}")
-    applied = kube.apply(
+    applied = apply_owned(
+        ctx, kube, NAME, target,
         {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
          "metadata": {"name": params.persistentvolumeclaim, "namespace": params.namespace},
          "spec": {"resources": {"requests": {"storage": format_quantity(wanted)}}}},
-        dry_run=ctx.dry_run,
     )
     new_request = applied.object["spec"]["resources"]["requests"]["storage"]
     capped = f" (capped at the limit {limit})" if wanted == limit_bytes else ""
@@ -110,5 +111,5 @@ def run(
     return PlaybookResult(
         NAME, target, ctx.dry_run, True, before=before,
         after={**before, "storage": new_request},
-        summary=f"{verb} the request of {target} from {requested} to {new_request}{capped}",
+        summary=f"{verb} the request of {target} from {requested} to {new_request}{capped}{applied.note()}",
     )

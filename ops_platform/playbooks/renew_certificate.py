@@ -34,6 +34,7 @@ NAME = "renew_certificate"
 
 class RenewParams(PlaybookParams):
     PLAYBOOK = NAME
+    TARGET_NAMES = {"name": "certificate"}
     namespace: KubeName
     name: KubeName
 

@@ -7,10 +7,10 @@ the Deployment controller then replaces every pod with a new ReplicaSet.
 from __future__ import annotations
 
 from ops_platform.playbooks.base import (
-    KubeName,
+    DeploymentParams,
     PlaybookContext,
-    PlaybookParams,
     PlaybookResult,
+    apply_owned,
     existing,
 )
 
@@ -18,10 +18,8 @@ NAME = "restart_workload"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
 
-class RestartParams(PlaybookParams):
+class RestartParams(DeploymentParams):
     PLAYBOOK = NAME
-    namespace: KubeName
-    deployment: KubeName
 
 
 def run(ctx: PlaybookContext, params: RestartParams) -> PlaybookResult:
@@ -35,7 +33,7 @@ def run(ctx: PlaybookContext, params: RestartParams) -> PlaybookResult:
         "metadata": {"name": params.deployment, "namespace": params.namespace},
         "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: restarted_at}}}},
     }
-    applied = kube.apply(patch, dry_run=ctx.dry_run)
+    applied = apply_owned(ctx, kube, NAME, target, patch)
     verb = "would restart" if ctx.dry_run else "restarted"
     return PlaybookResult(
         playbook=NAME,
@@ -44,7 +42,7 @@ def run(ctx: PlaybookContext, params: RestartParams) -> PlaybookResult:
         changed=applied.action != "unchanged",
         before=_restart_state(live),
         after=_restart_state(applied.object),
-        summary=f"{verb} {target} (pod template annotation {RESTARTED_AT}={restarted_at})",
+        summary=f"{verb} {target} (pod template annotation {RESTARTED_AT}={restarted_at}){applied.note()}",
     )
 
 

@@ -14,11 +14,11 @@ import copy
 from typing import Any
 
 from ops_platform.playbooks.base import (
-    KubeName,
+    DeploymentParams,
     PlaybookContext,
-    PlaybookParams,
     PlaybookRefused,
     PlaybookResult,
+    apply_owned,
     existing,
 )
 from ops_platform.releases import POD_TEMPLATE_HASH, REVISION_ANNOTATION, PreviousRevision
@@ -27,10 +27,8 @@ from ops_platform.resources.kubernetes import FIELD_MANAGER, KubernetesClient
 NAME = "rollback_deployment"
 
 
-class RollbackParams(PlaybookParams):
+class RollbackParams(DeploymentParams):
     PLAYBOOK = NAME
-    namespace: KubeName
-    deployment: KubeName
 
 
 def run(ctx: PlaybookContext, params: RollbackParams) -> PlaybookResult:
@@ -42,7 +40,7 @@ def run(ctx: PlaybookContext, params: RollbackParams) -> PlaybookResult:
     if previous is None:
         raise PlaybookRefused(f"playbook {NAME}: {target} has no ReplicaSet older than revision {current} "
                               "to roll back to")
-    applied = kube.apply(_restored(live, previous.template), dry_run=ctx.dry_run)
+    applied = apply_owned(ctx, kube, NAME, target, _restored(live, previous.template))
     verb = "would roll back" if ctx.dry_run else "rolled back"
     return PlaybookResult(
         NAME, target, ctx.dry_run, applied.action != "unchanged",
@@ -50,7 +48,7 @@ def run(ctx: PlaybookContext, params: RollbackParams) -> PlaybookResult:
         after={"revision": previous.revision, "replicaset": previous.replicaset,
                "images": _images(applied.object["spec"]["template"])},
         summary=f"{verb} {target} from revision {current} to revision {previous.revision} "
-                f"(ReplicaSet {previous.replicaset})",
+                f"(ReplicaSet {previous.replicaset}){applied.note()}",
     )
 
 

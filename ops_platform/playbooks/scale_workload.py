@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from ops_platform.playbooks.base import (
-    KubeName,
+    DeploymentParams,
     PlaybookContext,
-    PlaybookParams,
     PlaybookRefused,
     PlaybookResult,
+    apply_owned,
     existing,
     object_name,
 )
@@ -26,10 +26,8 @@ NAME = "scale_workload"
 HPA_API = "autoscaling/v2"
 
 
-class ScaleParams(PlaybookParams):
+class ScaleParams(DeploymentParams):
     PLAYBOOK = NAME
-    namespace: KubeName
-    deployment: KubeName
 
 
 def run(
@@ -56,18 +54,19 @@ def run(
     target_count = max(min_replicas, min(wanted, max_replicas))
     if target_count == current:
         return _unchanged(ctx, target, {"replicas": current}, wanted, min_replicas, max_replicas)
-    applied = kube.apply(
+    applied = apply_owned(
+        ctx, kube, NAME, target,
         {"apiVersion": "apps/v1", "kind": "Deployment",
          "metadata": {"name": params.deployment, "namespace": params.namespace},
          "spec": {"replicas": target_count}},
-        dry_run=ctx.dry_run,
     )
     verb = "would scale" if ctx.dry_run else "scaled"
     return PlaybookResult(
         NAME, target, ctx.dry_run, True,
         before={"replicas": current},
         after={"replicas": applied.object["spec"].get("replicas")},
-        summary=f"{verb} {target} from {current} to {target_count} replicas{_capped(wanted, target_count)}",
+        summary=f"{verb} {target} from {current} to {target_count} replicas{_capped(wanted, target_count)}"
+                f"{applied.note()}",
     )
 
 
@@ -91,11 +90,11 @@ def _raise_hpa_floor(
     before = {"minReplicas": current, "maxReplicas": spec.get("maxReplicas")}
     if floor == current:
         return _unchanged(ctx, target, before, wanted, min_replicas, ceiling)
-    applied = kube.apply(
+    applied = apply_owned(
+        ctx, kube, NAME, target,
         {"apiVersion": HPA_API, "kind": "HorizontalPodAutoscaler",
          "metadata": {"name": name, "namespace": params.namespace},
          "spec": {"minReplicas": floor}},
-        dry_run=ctx.dry_run,
     )
     after_spec = applied.object["spec"]
     verb = "would raise" if ctx.dry_run else "raised"
@@ -104,7 +103,7 @@ def _raise_hpa_floor(
         before=before,
         after={"minReplicas": after_spec.get("minReplicas"), "maxReplicas": after_spec.get("maxReplicas")},
         summary=(f"{verb} minReplicas of {target} (which scales Deployment {params.deployment}) from {current} "
-                 f"to {floor}{_capped(wanted, floor)}"),
+                 f"to {floor}{_capped(wanted, floor)}{applied.note()}"),
     )
 
 

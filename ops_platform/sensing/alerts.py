@@ -3,29 +3,49 @@
 Only an alert that fires now triggers: Alertmanager state ``active`` (not
 suppressed by a silence or an inhibition) and an ``endsAt`` not in the past (a
 resolved alert never triggers a playbook, Robusta issue 345). The spec maps
-alertname + label matchers to a playbook. One firing episode (fingerprint +
-startsAt) triggers once; a target (playbook, namespace, object) waits out its
-cooldown; no more than ``max_concurrent`` remediations run at a time; in prod
-only remediations with ``auto_remediate: true`` run.
+alertname + label matchers to a playbook. An alert whose labels do not name
+what its playbook acts on (no ``deployment``, a StatefulSet's pod for a
+Deployment playbook, an unknown datastore) is skipped with the reason, never
+requested. One firing episode of an alert triggers once: the episode is the
+alert's fingerprint (Alertmanager's hash of its labels, which the Prometheus
+fallback computes the same way) for as long as the alert stays listed, firing
+or silenced, whatever start time a source reports. A target (playbook +
+the object: ``namespace/deployment=web``, ``namespace/certificate=tls``, a
+PVC, a datastore) waits out its cooldown; no more than ``max_concurrent``
+remediations are in flight; in prod only remediations with
+``auto_remediate: true`` run.
 
-:class:`RemediationState` is what the sensor keeps in its cursor between ticks.
+:class:`RemediationState` is what the sensor keeps in its cursor between ticks;
+the runs in flight and the recent remediations come from the Dagster instance
+(``in_flight``, and the cursor's ``last_triggered`` merged with run history).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ops_platform.errors import OpsPlatformError
-from ops_platform.resources.alerting import ALERTMANAGER_URL_SETTING, Alert, Alertmanager
+from ops_platform.errors import MissingSettingError, OpsPlatformError
+from ops_platform.playbooks import PLAYBOOKS, PlaybookContext, PlaybookRefused, run_playbook
+from ops_platform.resources.alerting import (
+    ALERTMANAGER_URL_SETTING,
+    PROMETHEUS_URL_SETTING,
+    Alert,
+    Alertmanager,
+    Matcher,
+    Prometheus,
+    Silence,
+)
 from ops_platform.spec import Remediation
 
 PROD_ENVIRONMENT = "prod"
-# The label naming the object a playbook acts on, first present wins (kube-state-metrics names).
+NO_REMEDIATION = "no remediation in the spec maps this alertname and labels"
+# The label naming the object an alert is about, first present wins (kube-state-metrics names): what a
+# playbook's silence matches on.
 OBJECT_LABELS = (
     "deployment",
     "statefulset",
@@ -36,7 +56,6 @@ OBJECT_LABELS = (
     "pod",
     "instance",
 )
-RUNNING_TIMEOUT = timedelta(hours=2)
 
 
 class GarbledAlertsError(OpsPlatformError):
@@ -51,6 +70,8 @@ class RemediationRequest:
     labels: Mapping[str, str]
     playbook: str
     target: str
+    remediation: str = ""
+    """:func:`remediation_id` of the remediation that matched (the run checks its allow-list and cooldown)."""
 
     @property
     def run_key(self) -> str:
@@ -68,30 +89,26 @@ class Skipped:
     reason: str
 
 
-@dataclass(frozen=True)
-class RunningRemediation:
-    target: str
-    started_at: datetime
-
-
 @dataclass
 class RemediationState:
-    """Between ticks: when each target was last remediated, what runs now, which episodes triggered."""
+    """Between ticks: when each target was last remediated, which episodes (fingerprints) triggered.
+
+    No count of running remediations: the runs in flight are the instance's (``in_flight``), so a
+    request that never became a run holds no slot.
+    """
 
     last_triggered: dict[str, datetime] = field(default_factory=dict)
-    running: dict[str, RunningRemediation] = field(default_factory=dict)
     episodes: dict[str, datetime] = field(default_factory=dict)
 
-    def finish(self, run_key: str) -> None:
-        """A remediation run ended (success or failure): it no longer counts against the cap."""
-        self.running.pop(run_key, None)
+    def remember(self, recent: Mapping[str, datetime]) -> None:
+        """Merge the instance's recent remediations per target (manual launches included)."""
+        for target, moment in recent.items():
+            if target not in self.last_triggered or self.last_triggered[target] < moment:
+                self.last_triggered[target] = moment
 
     def to_json(self) -> str:
         body = {
             "last": {target: _epoch(moment) for target, moment in sorted(self.last_triggered.items())},
-            "running": {
-                key: [entry.target, _epoch(entry.started_at)] for key, entry in sorted(self.running.items())
-            },
             "episodes": {key: _epoch(moment) for key, moment in sorted(self.episodes.items())},
         }
         return json.dumps(body, separators=(",", ":"))
@@ -102,13 +119,10 @@ class RemediationState:
             return cls()
         try:
             body = json.loads(raw)
+            # Cursors written before episodes were fingerprints keyed them "<fingerprint>:<startsAt>".
             return cls(
                 last_triggered={target: _from_epoch(value) for target, value in body["last"].items()},
-                running={
-                    key: RunningRemediation(target, _from_epoch(started))
-                    for key, (target, started) in body["running"].items()
-                },
-                episodes={key: _from_epoch(value) for key, value in body["episodes"].items()},
+                episodes={key.split(":", 1)[0]: _from_epoch(value) for key, value in body["episodes"].items()},
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(
@@ -132,23 +146,42 @@ def select_remediations(
     now: datetime,
     environment: str,
     max_concurrent: int,
-    running_timeout: timedelta = RUNNING_TIMEOUT,
+    in_flight: int = 0,
+    datastores: Sequence[str] | None = None,
 ) -> AlertDecision:
-    """Which alerts start which playbook now; ``state`` is not changed, the decision carries the next one."""
-    next_state = _pruned(state, remediations, now, running_timeout)
+    """Which alerts start which playbook now; ``state`` is not changed, the decision carries the next one.
+
+    ``in_flight``: remediation runs queued or running now (the instance's count, manual launches
+    included). ``datastores``: the spec's datastore names, which a ``rerun_backup`` alert must name
+    (None: not checked).
+    """
+    next_state = _pruned(state, remediations, now)
     by_alertname = _index(remediations)
     requests: list[RemediationRequest] = []
     skipped: list[Skipped] = []
     current_episodes: set[str] = set()
     for alert in sorted(alerts, key=lambda a: (a.starts_at, a.fingerprint)):
         name = f"{alert.fingerprint}/{alert.alertname or '?'}"
-        reason = _not_firing(alert, now)
+        reason = _not_listed(alert, now)
         if reason:
             skipped.append(Skipped(name, reason))
             continue
         remediation = _mapping_for(alert, by_alertname)
         if remediation is None:
-            skipped.append(Skipped(name, "no remediation in the spec maps this alertname and labels"))
+            skipped.append(Skipped(name, NO_REMEDIATION))
+            continue
+        try:
+            target = request_target(remediation.playbook, alert.labels, datastores)
+        except PlaybookRefused as refused:
+            skipped.append(Skipped(name, f"not requested: {refused} (fix the alert rule's labels or the "
+                                         "remediation in infra/platform.yaml)"))
+            continue
+        # A silenced or inhibited alert is still the same episode: it does not trigger again when it
+        # comes back (the playbook's own silence ends when its run does).
+        current_episodes.add(alert.fingerprint)
+        reason = _suppressed(alert)
+        if reason:
+            skipped.append(Skipped(name, reason))
             continue
         request = RemediationRequest(
             fingerprint=alert.fingerprint,
@@ -156,36 +189,54 @@ def select_remediations(
             alertname=alert.alertname,
             labels=dict(alert.labels),
             playbook=remediation.playbook,
-            target=target_of(remediation.playbook, alert.labels),
+            target=target,
+            remediation=remediation_id(remediation),
         )
-        current_episodes.add(request.run_key)
-        reason = _refusal(request, remediation, next_state, now, environment, max_concurrent)
+        reason = _refusal(request, remediation, next_state, now, environment, max_concurrent,
+                          in_flight + len(requests))
         if reason:
             skipped.append(Skipped(name, reason))
             continue
         requests.append(request)
         next_state.last_triggered[request.target] = now
-        next_state.running[request.run_key] = RunningRemediation(request.target, now)
-        next_state.episodes[request.run_key] = now
+        next_state.episodes[request.fingerprint] = now
     # An episode is remembered while its alert is still listed; Dagster's run_key covers the rest.
     next_state.episodes = {key: at for key, at in next_state.episodes.items() if key in current_episodes}
     return AlertDecision(requests, skipped, next_state)
 
 
-def target_of(playbook: str, labels: Mapping[str, str]) -> str:
-    """What a playbook acts on: ``playbook/namespace/kind=name`` (cooldowns are per target)."""
-    namespace = labels.get("namespace", "")
-    for label in OBJECT_LABELS:
-        if labels.get(label):
-            return f"{playbook}/{namespace}/{label}={labels[label]}"
-    return f"{playbook}/{namespace}/"
+def remediation_id(remediation: Remediation) -> str:
+    """How a run names the remediation that started it: the alertname and matchers, as a PromQL selector."""
+    if not remediation.matchers:
+        return remediation.alert
+    matchers = ",".join(f'{name}="{value}"' for name, value in sorted(remediation.matchers.items()))
+    return f"{remediation.alert}{{{matchers}}}"
 
 
-def _not_firing(alert: Alert, now: datetime) -> str | None:
+def request_target(playbook: str, labels: Mapping[str, str], datastores: Sequence[str] | None = None) -> str:
+    """What the playbook would act on for these labels, ``<playbook>/<namespace>/<kind>=<name>``.
+
+    Raises :class:`PlaybookRefused` naming the label that is missing or unusable (and, for
+    ``rerun_backup`` with ``datastores``, a datastore the spec does not have), as the run would.
+    """
+    definition = PLAYBOOKS.get(playbook)
+    if definition is None:
+        raise PlaybookRefused(f"unknown playbook {playbook!r}; known: {sorted(PLAYBOOKS)}")
+    params = definition.params.from_labels(labels)
+    if playbook == "rerun_backup" and datastores is not None:
+        run_playbook(playbook, PlaybookContext(None, dry_run=True), labels, datastores=list(datastores))
+    return f"{playbook}/{params.target()}"
+
+
+def _not_listed(alert: Alert, now: datetime) -> str | None:
     if not alert.labels or not alert.alertname:
         return "malformed: no alertname label"
     if alert.ends_at <= now:
         return f"resolved at {alert.ends_at.isoformat()}"
+    return None
+
+
+def _suppressed(alert: Alert) -> str | None:
     if alert.silenced_by:
         return f"silenced by {', '.join(alert.silenced_by)}"
     if alert.inhibited_by:
@@ -202,8 +253,9 @@ def _refusal(
     now: datetime,
     environment: str,
     max_concurrent: int,
+    in_flight: int,
 ) -> str | None:
-    if request.run_key in state.episodes:
+    if request.fingerprint in state.episodes:
         return "this firing episode already triggered a remediation"
     if environment == PROD_ENVIRONMENT and not remediation.auto_remediate:
         return f"{remediation.playbook} does not run by itself in prod (auto_remediate is false)"
@@ -216,8 +268,9 @@ def _refusal(
     cooldown = timedelta(minutes=remediation.cooldown_minutes)
     if last is not None and now - last < cooldown:
         return f"target {request.target} is cooling down until {(last + cooldown).isoformat()}"
-    if len(state.running) >= max_concurrent:
-        return f"{len(state.running)} remediations already running (max_concurrent {max_concurrent})"
+    if in_flight >= max_concurrent:
+        return (f"{in_flight} remediation run(s) already queued or running (max_concurrent {max_concurrent}, "
+                "max_concurrent_remediations in infra/platform.yaml); asked again next tick")
     return None
 
 
@@ -238,14 +291,15 @@ def _mapping_for(alert: Alert, by_alertname: Mapping[str, list[Remediation]]) ->
     return None
 
 
-def _pruned(
-    state: RemediationState, remediations: Sequence[Remediation], now: datetime, running_timeout: timedelta
-) -> RemediationState:
-    """A copy without cooldowns older than the longest cooldown nor runs older than ``running_timeout``."""
-    longest = timedelta(minutes=max((r.cooldown_minutes for r in remediations), default=0))
+def longest_cooldown(remediations: Iterable[Remediation]) -> timedelta:
+    return timedelta(minutes=max((r.cooldown_minutes for r in remediations), default=0))
+
+
+def _pruned(state: RemediationState, remediations: Sequence[Remediation], now: datetime) -> RemediationState:
+    """A copy without cooldowns older than the longest cooldown."""
+    longest = longest_cooldown(remediations)
     return RemediationState(
         last_triggered={t: at for t, at in state.last_triggered.items() if now - at < longest},
-        running={k: run for k, run in state.running.items() if now - run.started_at < running_timeout},
         episodes=dict(state.episodes),
     )
 
@@ -308,22 +362,77 @@ def parse_alert_items(body: object, *, source: str = "alertmanager") -> tuple[li
 
 
 def fetch_firing_alerts(alertmanager: Alertmanager) -> tuple[list[Alert], list[str]]:
-    """Active, unsilenced, uninhibited alerts of Alertmanager; unreadable items become problems.
+    """Alertmanager's processed alerts, silenced and inhibited ones included (their status says so:
+    :func:`select_remediations` skips them but keeps their episode); unreadable items become problems.
 
     Raises ServerUnreachableError when Alertmanager is down (the sensor's SkipReason).
     """
-    url, body = alertmanager.alert_items(active=True, silenced=False, inhibited=False, unprocessed=False)
+    url, body = alertmanager.alert_items(active=True, silenced=True, inhibited=True, unprocessed=False)
     return parse_alert_items(body, source=f"alertmanager at {url.split('?')[0]}")
 
 
-def alerts_from_prometheus(firing: Iterable[Mapping[str, Any]], now: datetime) -> list[Alert]:
-    """Alerts out of Prometheus, the fallback source when Alertmanager is down.
+@dataclass
+class FiringAlerts:
+    """What one tick read: the alerts, the items that could not be read, and how they were read."""
 
-    Takes either ``Prometheus.alerts()`` items (labels, state, activeAt: the
-    episode keeps its start, so its run_key is stable) or the label sets of
-    ``Prometheus.firing_alerts()`` (no start time: ``now`` stands in, so only
-    cooldowns stop a second trigger). Pending alerts are left out.
+    alerts: list[Alert]
+    problems: list[str]
+    notes: list[str]
+    source: str  # "alertmanager" or "prometheus"
+
+
+def read_firing_alerts(alertmanager: Alertmanager | None, prometheus: Prometheus | None,
+                       now: datetime) -> FiringAlerts:
+    """Alertmanager's alerts, or Prometheus's when Alertmanager's cannot be read.
+
+    In the fallback, Alertmanager's silences are still read when it answers them, and honoured; when
+    they cannot be read either, a note says silenced alerts may be remediated (the episodes in the
+    sensor's cursor still keep a playbook's own alert from triggering twice).
     """
+    failure: OpsPlatformError | None = None
+    if alertmanager is not None:
+        try:
+            alerts, problems = fetch_firing_alerts(alertmanager)
+            return FiringAlerts(alerts, problems, [], "alertmanager")
+        except OpsPlatformError as error:
+            if prometheus is None:
+                raise
+            failure = error
+    if prometheus is None:
+        raise MissingSettingError(ALERTMANAGER_URL_SETTING, "the alert sensor",
+                                  f"or {PROMETHEUS_URL_SETTING} for the Prometheus fallback")
+    notes = [f"alerts read from Prometheus at {prometheus.base_url}: Alertmanager's could not be ({failure})"] \
+        if failure else []
+    silences: list[Silence] = []
+    if alertmanager is not None:
+        try:
+            silences = alertmanager.silences()
+        except OpsPlatformError as error:
+            notes.append(f"Alertmanager's silences could not be read either ({error}): alerts silenced there are "
+                         "not known to be silenced this tick")
+    try:
+        items = prometheus.alerts()
+    except OpsPlatformError as error:
+        if failure is None:
+            raise
+        raise OpsPlatformError(f"{failure}; and the Prometheus fallback: {error}") from None
+    return FiringAlerts(alerts_from_prometheus(items, now, silences=silences), [], notes, "prometheus")
+
+
+def alerts_from_prometheus(
+    firing: Iterable[Mapping[str, Any]], now: datetime, *, silences: Sequence[Silence] = ()
+) -> list[Alert]:
+    """Alerts out of Prometheus, the fallback source when Alertmanager's alerts cannot be read.
+
+    Takes either ``Prometheus.alerts()`` items (labels, state, activeAt) or the
+    label sets of ``Prometheus.firing_alerts()`` (no start time: ``now`` stands
+    in). Pending alerts are left out. The fingerprint is Alertmanager's own hash
+    of the labels, so an episode that began in Alertmanager is the same episode
+    here. An alert matched by one of the active ``silences`` (Alertmanager's,
+    read when they can be) is marked silenced by it, as Alertmanager would.
+    Inhibition rules live in Alertmanager's configuration and are not applied.
+    """
+    active_silences = [silence for silence in silences if silence.state == "active"]
     alerts: list[Alert] = []
     for item in firing:
         if isinstance(item.get("labels"), Mapping):
@@ -334,6 +443,7 @@ def alerts_from_prometheus(firing: Iterable[Mapping[str, Any]], now: datetime) -
         else:
             labels = {str(k): str(v) for k, v in item.items() if k not in ("__name__", "alertstate")}
             starts_at = now
+        silenced_by = silencing(active_silences, labels)
         alerts.append(
             Alert(
                 fingerprint=label_fingerprint(labels),
@@ -342,8 +452,8 @@ def alerts_from_prometheus(firing: Iterable[Mapping[str, Any]], now: datetime) -
                 starts_at=starts_at,
                 ends_at=now + timedelta(minutes=5),
                 updated_at=now,
-                state="active",
-                silenced_by=(),
+                state="suppressed" if silenced_by else "active",
+                silenced_by=silenced_by,
                 inhibited_by=(),
                 receivers=(),
                 generator_url=None,
@@ -352,10 +462,40 @@ def alerts_from_prometheus(firing: Iterable[Mapping[str, Any]], now: datetime) -
     return alerts
 
 
+def silencing(silences: Iterable[Silence], labels: Mapping[str, str]) -> tuple[str, ...]:
+    """Ids of the silences whose every matcher matches ``labels`` (a missing label is the empty string)."""
+    return tuple(silence.id for silence in silences
+                 if silence.matchers and all(_matches(matcher, labels.get(matcher.name, ""))
+                                             for matcher in silence.matchers))
+
+
+def _matches(matcher: Matcher, value: str) -> bool:
+    if matcher.is_regex:
+        try:
+            hit = re.fullmatch(matcher.value, value) is not None
+        except re.error:
+            return False
+    else:
+        hit = matcher.value == value
+    return hit == matcher.is_equal
+
+
+_FNV64_OFFSET = 14695981039346656037
+_FNV64_PRIME = 1099511628211
+_LABEL_SEPARATOR = 0xFF
+
+
 def label_fingerprint(labels: Mapping[str, str]) -> str:
-    """A stable 16-hex fingerprint of a label set (same labels, same fingerprint)."""
-    canonical = "\xff".join(f"{name}\xfe{labels[name]}" for name in sorted(labels))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """Alertmanager's fingerprint of a label set (prometheus/common ``LabelSet.Fingerprint``).
+
+    FNV-1a 64 over the names in order, each name and value followed by byte 0xff; 16 hex digits.
+    """
+    digest = _FNV64_OFFSET
+    for name in sorted(labels):
+        for part in (name, labels[name]):
+            for byte in (*part.encode(), _LABEL_SEPARATOR):
+                digest = ((digest ^ byte) * _FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return f"{digest:016x}"
 
 
 def _parse_time(value: object) -> datetime | None:

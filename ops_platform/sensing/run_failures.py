@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from ops_platform.playbooks.base import REFUSED_TAG
 from ops_platform.resources.alerting import PostableAlert
 from ops_platform.spec import Alerting
 
@@ -146,7 +147,9 @@ def failing_assets(run: FinishedRun) -> dict[str | None, str]:
 
 def run_alerts(run: FinishedRun, alerting: Alerting, *, firing_for: timedelta = FIRING_FOR) -> RunAlerts:
     """The alerts ``run`` fires and the resolutions it brings (see the module docstring)."""
-    failing = failing_assets(run)
+    # A playbook run its own guard refused (cooldown, allow-list) changed nothing and pages no one:
+    # the alert that asked for it is still firing in Alertmanager.
+    failing = {} if run.tags.get(REFUSED_TAG) else failing_assets(run)
     firing = [
         _run_failed(run, asset, cause, alerting, firing_for)
         for asset, cause in sorted(failing.items(), key=lambda item: item[0] or "")
