@@ -1,16 +1,18 @@
 """The pgBackRest driver for real: PostgreSQL 15 + pgBackRest, repository on moto's S3 behind stunnel.
 
 The module's backups (a full, then an incr) are taken once by the ``backups``
-fixture and shared; tests that damage something put it back before they end.
-Restores go to the backup's consistent point (``--type=immediate``) and the
-source is quiet between each backup and its row count, so restored counts
-must equal the manifest's exactly.
+fixture and shared; tests that damage something put it back before they end,
+and the expiry test, which removes backups from the repository, runs last.
+Restores replay the WAL archive to the newest point it proves; the module
+never writes to the tables the backups counted afterwards, so restored counts
+of those tables equal the manifest's exactly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -30,6 +32,7 @@ from ops_platform.backups.postgres_pgbackrest import (
     PgBackRestDriver,
     PgBackRestRepo,
     choose_backup_type,
+    count_logged_rows,
     newest_restorable_point,
     parse_verify_text,
 )
@@ -53,6 +56,7 @@ class Backups:
     catalog: BackupCatalog
     full: BackupManifest
     incr: BackupManifest
+    cluster_bytes: int  # base/ and global/ of the source, measured right after the full backup
 
 
 def _wait_archived(source: PgBackRestSource, timeout: float = 15.0) -> ArchiverStatus:
@@ -112,10 +116,14 @@ def backups(pgbackrest_source: PgBackRestSource, pgbackrest_s3: S3Repository) ->
     store = pgbackrest_s3.store(pgbackrest_s3.create_bucket(f"ops-backups-{source.stanza}"))
     catalog = BackupCatalog(store, datastore.name)
     full = catalog.run_backup(driver, datastore, "2026-11-22", password=source.server.password)
+    with source.server.connect_superuser() as conn:
+        # What pgBackRest copies is the data directory; nearly all of it is these two tablespaces.
+        row = conn.execute("SELECT pg_tablespace_size('pg_default') + pg_tablespace_size('pg_global')").fetchone()
+        assert row is not None
     with source.server.connect() as conn:
         conn.execute("INSERT INTO relation (concept_id) SELECT g FROM generate_series(1, 200) g")
     incr = catalog.run_backup(driver, datastore, "2026-11-22", password=source.server.password)
-    return Backups(datastore, driver, store, catalog, full, incr)
+    return Backups(datastore, driver, store, catalog, full, incr, int(row[0]))
 
 
 def test_first_backup_is_full_and_the_next_one_incr(backups: Backups, pgbackrest_s3: S3Repository) -> None:
@@ -134,6 +142,22 @@ def test_first_backup_is_full_and_the_next_one_incr(backups: Backups, pgbackrest
     # The backup itself is in the pgBackRest repository, under the spec's repo_path.
     labels = {key.split("/")[3] for key in pgbackrest_s3.keys(f"{full.restore['repo_path'].strip('/')}/backup/")}
     assert {full.restore["label"], incr.restore["label"]} <= labels
+
+
+def test_sizes_are_what_pgbackrest_read_and_stored(backups: Backups) -> None:
+    full, incr = backups.full, backups.incr
+    # A full backup reads the whole cluster, as the server measures it.
+    assert full.source_bytes == full.details["database_bytes"]
+    assert full.source_bytes is not None
+    assert abs(full.source_bytes - backups.cluster_bytes) <= 0.1 * backups.cluster_bytes
+    # Stored: what the backup added to the repository (compressed and encrypted), not our small record.
+    [record] = full.artifact_list()
+    assert full.bytes == full.details["repository_delta_bytes"]
+    assert record.size * 100 < full.bytes < full.source_bytes
+    # An incr reads and stores only what changed since the full.
+    assert incr.source_bytes == incr.details["delta_bytes"]
+    assert incr.source_bytes is not None and 0 < incr.source_bytes < full.source_bytes / 4
+    assert incr.bytes == incr.details["repository_delta_bytes"] and 0 < incr.bytes < full.bytes
 
 
 def test_the_catalog_keeps_a_checksummed_copy_of_the_backup_info(backups: Backups) -> None:
@@ -159,27 +183,6 @@ def test_recovery_point_of_a_backup_is_at_or_after_its_stop(backups: Backups) ->
         assert manifest.started_at - timedelta(seconds=1) <= stop <= manifest.recovery_point <= manifest.finished_at
 
 
-def test_recovery_point_follows_the_wal_archive(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
-    with pgbackrest_source.server.connect() as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS audit (at timestamptz DEFAULT now())")
-        conn.execute("INSERT INTO audit DEFAULT VALUES")
-    archived = _wait_archived(pgbackrest_source)
-    point = backups.driver.recovery_point(backups.datastore, pgbackrest_source.server.password)
-    assert point.basis == "wal archive"
-    assert point.age is not None and timedelta(0) <= point.age < timedelta(minutes=1)
-    assert point.at == archived.last_archived_time
-    assert point.at > backups.incr.recovery_point
-    assert point.backup_label == backups.incr.restore["label"]
-
-    # The source unreachable: only the backup's stop can be vouched for, and the note says why.
-    unreachable = backups.datastore.model_copy(
-        update={"connection": backups.datastore.connection.model_copy(update={"port": free_port()})}
-    )
-    fallback = backups.driver.recovery_point(unreachable, pgbackrest_source.server.password)
-    assert fallback.basis == "backup stop" and "connection refused" in fallback.note
-    assert fallback.at == datetime.fromisoformat(backups.incr.restore["backup_stop"])
-
-
 def test_verify_passes_on_an_intact_repository(backups: Backups) -> None:
     verification = backups.driver.verify(backups.incr, backups.store)
     assert verification.ok, verification.problems
@@ -197,7 +200,9 @@ def test_restore_brings_back_the_counted_rows_and_cleans_up(
     assert port is not None
     with backups.driver.restore(backups.incr, backups.store, restore_test, Path("/nonexistent")) as restored:
         assert f"127.0.0.1:{port}" in restored.description
-        assert restored.counts() == backups.incr.counts
+        counts = restored.counts()
+        assert {key: counts.get(key) for key in backups.incr.counts} == backups.incr.counts
+        assert "session_cache" not in str(counts)  # unlogged: not in a physical backup
         results = restored.run_queries(list(restore_test.verify_sql) + ["SELECT * FROM no_such_table"])
         assert [(r.value, r.ok) for r in results[:2]] == [(CONCEPT_ROWS, True), (CONCEPT_ROWS, True)]
         assert not results[2].ok and "no_such_table" in (results[2].error or "")
@@ -225,6 +230,7 @@ def test_restore_to_a_point_in_time(backups: Backups, pgbackrest_source: PgBackR
         ) as restored:
             [result] = restored.run_queries(["SELECT string_agg(DISTINCT batch, ',') FROM pitr"])
             assert result.value == "before"
+            assert restored.recovery_point == target_time
             raise LookupError("the body failed")
     assert restored.data_dir is not None and not restored.data_dir.parent.exists()
     assert not port_is_open("127.0.0.1", restore_test.target.port or 0)
@@ -236,6 +242,105 @@ def test_restore_to_a_point_in_time(backups: Backups, pgbackrest_source: PgBackR
             target_time=datetime.fromisoformat(backups.incr.restore["backup_stop"]) - timedelta(hours=1),
         ):
             pass
+
+
+def _source_counts(source: PgBackRestSource) -> dict[str, int]:
+    with source.server.connect() as conn:
+        return count_logged_rows(conn)
+
+
+def test_restore_replays_the_wal_archive_to_the_restore_start(
+    backups: Backups, pgbackrest_source: PgBackRestSource
+) -> None:
+    source = pgbackrest_source
+    manifest = backups.catalog.run_backup(
+        backups.driver, backups.datastore, "2026-11-22", password=source.server.password
+    )
+    with source.server.connect() as conn:
+        conn.execute("CREATE TABLE after_backup (id int)")
+        conn.execute("INSERT INTO after_backup SELECT generate_series(1, 25)")
+    # No WAL switch here: the segment holding those rows is not archived until the restore forces it.
+    before = _source_counts(source)
+    restore_test = RestoreTest(target={"host": "127.0.0.1", "port": free_port()})
+    with backups.driver.restore(manifest, backups.store, restore_test, Path("/nonexistent")) as restored:
+        counts = restored.counts()
+    assert "table:public.after_backup" not in manifest.counts
+    assert counts["table:public.after_backup"] == 25
+    assert counts == before
+    assert restored.recovery_point is not None and restored.recovery_point > manifest.recovery_point
+    assert restored.recovery_point <= datetime.now(UTC)
+    assert restored.recovery_note.startswith("WAL replayed to ")
+    assert _source_counts(source) == before  # fixing the target time wrote nothing on the source
+
+
+def test_restore_fails_when_the_archive_lacks_a_segment_and_cleans_up(
+    backups: Backups, pgbackrest_source: PgBackRestSource, pgbackrest_s3: S3Repository
+) -> None:
+    source = pgbackrest_source
+    manifest = backups.catalog.run_backup(
+        backups.driver, backups.datastore, "2026-11-22", password=source.server.password
+    )
+    with source.server.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS after_backup (id int)")
+        conn.execute("INSERT INTO after_backup SELECT generate_series(1, 5)")
+    _wait_archived(source)
+    archive = f"{manifest.restore['repo_path'].strip('/')}/archive/{manifest.restore['stanza']}/"
+    later = sorted(
+        key for key in pgbackrest_s3.keys(archive)
+        if re.match(r"^[0-9A-F]{24}-", Path(key).name) and Path(key).name[:24] > manifest.restore["archive_stop"]
+    )
+    assert later, "no WAL segment after the backup was archived"
+    missing = later[0]
+    client = pgbackrest_s3.client()
+    kept = client.get_object(Bucket=pgbackrest_s3.bucket, Key=missing)["Body"].read()
+    client.delete_object(Bucket=pgbackrest_s3.bucket, Key=missing)
+    port = free_port()
+    scratch_before = set(Path(tempfile.gettempdir()).glob("ops-pgbackrest-restore-*"))
+    try:
+        with pytest.raises(RestoreError) as failure:
+            with backups.driver.restore(
+                manifest, backups.store, RestoreTest(target={"host": "127.0.0.1", "port": port}), Path("/nonexistent")
+            ):
+                pass
+    finally:
+        client.put_object(Bucket=pgbackrest_s3.bucket, Key=missing, Body=kept)
+    message = str(failure.value)
+    assert "WAL replay ended before the target time" in message and manifest.restore["label"] in message
+    assert "pgbackrest verify" in message and "archive_command" in message
+    assert set(Path(tempfile.gettempdir()).glob("ops-pgbackrest-restore-*")) == scratch_before
+    assert not port_is_open("127.0.0.1", port)
+    assert _processes_mentioning(f"-c port={port}") == []
+
+
+@pytest.mark.parametrize("fault", ["wrong-source-password", "archiving-broken"])
+def test_without_proof_from_the_source_the_restore_proves_only_the_backup_stop(
+    backups: Backups, pgbackrest_source: PgBackRestSource, fault: str
+) -> None:
+    server = pgbackrest_source.server
+    if fault == "wrong-source-password":
+        driver = pgbackrest_source.driver(source_password="not-the-password")
+        named = "connection.password_env"
+    else:
+        driver = pgbackrest_source.driver(archive_timeout_seconds=1)
+        named = "WAL archiving from the source into the repository is not working"
+        with server.connect_superuser() as conn:
+            conn.execute("ALTER SYSTEM SET archive_command = '/bin/false'")
+            conn.execute("SELECT pg_reload_conf()")
+    restore_test = RestoreTest(target={"host": "127.0.0.1", "port": free_port()})
+    try:
+        with driver.restore(backups.incr, backups.store, restore_test, Path("/nonexistent")) as restored:
+            assert restored.counts() == backups.incr.counts
+    finally:
+        if fault == "archiving-broken":
+            with server.connect_superuser() as conn:
+                conn.execute("ALTER SYSTEM RESET archive_command")
+                conn.execute("SELECT pg_reload_conf()")
+            _wait_archived(pgbackrest_source)
+    backup_stop = datetime.fromisoformat(backups.incr.restore["backup_stop"])
+    assert restored.recovery_point == backup_stop <= backups.incr.recovery_point
+    assert restored.recovery_note.startswith("restored to the backup's stop")
+    assert named in restored.recovery_note and "not-the-password" not in restored.recovery_note
+    assert "to the backup's stop" in restored.description
 
 
 def test_verify_reports_a_corrupt_object_in_the_repository(backups: Backups, pgbackrest_s3: S3Repository) -> None:
@@ -316,15 +421,15 @@ def test_repository_down_fails_the_backup_and_keeps_the_previous_one(
     dead_port = free_port()
     driver = pgbackrest_source.driver(pgbackrest_s3.repo(port=dead_port))
     latest = backups.catalog.latest()
-    started = time.monotonic()
     with pytest.raises(BackupError) as failure:
         backups.catalog.run_backup(driver, backups.datastore, "2026-11-23", password=pgbackrest_source.server.password)
     message = str(failure.value)
     assert f"localhost:{dead_port}" in message and "PGBACKREST_REPO1_S3_ENDPOINT" in message
     assert "OPS_BACKUP_BUCKET" in message
+    # Our own probe answered, not pgBackRest after its retries.
+    assert "is unreachable: connection refused or timed out" in message
     for secret in (pgbackrest_s3.key, pgbackrest_s3.key_secret, pgbackrest_s3.cipher_pass):
         assert secret not in message
-    assert time.monotonic() - started < 5
     assert backups.catalog.latest() == latest
     assert backups.catalog.listing().orphans == []
     assert list(backups.store.list("backups/postgres_main/2026-11-23/")) == []
@@ -345,14 +450,16 @@ def test_a_misconfigured_repository_is_named(
     backups: Backups, pgbackrest_source: PgBackRestSource, pgbackrest_s3: S3Repository, change: dict, named: str
 ) -> None:
     driver = pgbackrest_source.driver(pgbackrest_s3.repo(**change))
+    latest = backups.catalog.latest()
     with pytest.raises(BackupError, match=named):
         backups.catalog.run_backup(driver, backups.datastore, "2026-11-23", password=pgbackrest_source.server.password)
-    assert backups.catalog.latest() == backups.catalog.latest_in_partition("2026-11-22")
+    assert backups.catalog.latest() == latest
     assert list(backups.store.list("backups/postgres_main/2026-11-23/")) == []
 
 
 def test_a_wrong_pg_path_is_named(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
     wrong = Path(scratch_dir("ops-pgbackrest-wrong-"))
+    latest = backups.catalog.latest()
     try:
         datastore = pgbackrest_source.datastore(pg_path=str(wrong))
         named = r"pgbackrest check failed: no matching PostgreSQL cluster at pg1-path \(check pg_path"
@@ -362,11 +469,12 @@ def test_a_wrong_pg_path_is_named(backups: Backups, pgbackrest_source: PgBackRes
             )
     finally:
         shutil.rmtree(wrong)
-    assert backups.catalog.latest() == backups.catalog.latest_in_partition("2026-11-22")
+    assert backups.catalog.latest() == latest
 
 
 def test_broken_wal_archiving_is_named(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:
     server = pgbackrest_source.server
+    latest = backups.catalog.latest()
     with server.connect_superuser() as conn:
         good = conn.execute("SHOW archive_command").fetchone()[0]  # type: ignore[index]
         # Looks right, pushes to a stanza that does not exist: every archive-push fails.
@@ -385,7 +493,7 @@ def test_broken_wal_archiving_is_named(backups: Backups, pgbackrest_source: PgBa
     _wait_archived(pgbackrest_source)  # archiving works again: the reset took
     with server.connect_superuser() as conn:
         assert conn.execute("SHOW archive_command").fetchone()[0] == good  # type: ignore[index]
-    assert backups.catalog.latest() == backups.catalog.latest_in_partition("2026-11-22")
+    assert backups.catalog.latest() == latest
 
 
 def test_backup_type_follows_full_every_days(backups: Backups) -> None:
@@ -460,6 +568,68 @@ def test_repository_settings_keep_secrets_off_the_record() -> None:
 
     with pytest.raises(MissingSettingError, match="OPS_BACKUP_BUCKET"):
         PgBackRestRepo.from_settings({"AWS_REGION": "r", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+
+
+def test_expire_removes_one_set_and_the_wal_only_it_needed(
+    backups: Backups, pgbackrest_source: PgBackRestSource, pgbackrest_s3: S3Repository
+) -> None:
+    """Runs last: it expires the module's own backups in the end."""
+    source, driver = pgbackrest_source, backups.driver
+    # A catalog of its own; a backup dated days ahead of the newest full is a full one.
+    catalog = BackupCatalog(pgbackrest_s3.store(pgbackrest_s3.create_bucket(f"ops-expire-{source.stanza}")),
+                            backups.datastore.name)
+
+    def backup(days_ahead: int, using: PgBackRestDriver = driver) -> BackupManifest:
+        when = datetime.now(UTC) + timedelta(days=days_ahead)
+        return catalog.run_backup(using, backups.datastore, "2026-11-24", password=source.server.password,
+                                  now=lambda: when)
+
+    before = source.labels()
+    # pgBackRest's own retention, even when asked for in the options, never expires anything: one owner.
+    keep_one_full = source.driver(options={"repo1-retention-full-type": "count", "repo1-retention-full": "1"})
+    full2, incr2, full3 = backup(2), backup(0), backup(2, using=keep_one_full)
+    assert [m.restore["type"] for m in (full2, incr2, full3)] == ["full", "incr", "full"]
+    label = {m.backup_id: m.restore["label"] for m in (full2, incr2, full3)}
+    everything = source.labels()
+    assert everything == before | {label[m.backup_id] for m in (full2, incr2, full3)}
+
+    # pgBackRest would take incr2 with full2: refused, nothing removed.
+    with pytest.raises(BackupError, match=rf"kept, nothing removed: {incr2.restore['label']} depend on it"):
+        driver.expire(full2, catalog.store)
+    assert source.labels() == everything
+
+    said = driver.expire(incr2, catalog.store)
+    assert incr2.restore["label"] in said and source.stanza in said
+    assert source.labels() == everything - {label[incr2.backup_id]}
+    driver.expire(full2, catalog.store)
+    assert source.labels() == everything - {label[incr2.backup_id], label[full2.backup_id]}
+
+    with pytest.raises(BackupError, match=r"has no backup .*\(already expired.*pgbackrest info"):
+        driver.expire(full2, catalog.store)
+    unknown = full3.model_copy(update={"restore": {**full3.restore, "label": "20000101-000000F"}})
+    with pytest.raises(BackupError, match="has no backup 20000101-000000F"):
+        driver.expire(unknown, catalog.store)
+
+    # The oldest full goes (its dependents first): the WAL before full3, now the oldest backup, goes with it,
+    # and every remaining backup still restores to the newest archived point.
+    archive_before = source.info()["archive"][0]["min"]
+    newest_first = sorted(backups.catalog.listing().manifests, key=lambda m: m.restore["label"], reverse=True)
+    assert {m.restore["label"] for m in newest_first} == source.labels() - {label[full3.backup_id]}
+    for manifest in newest_first:
+        said = driver.expire(manifest, backups.store)
+    assert source.labels() == {label[full3.backup_id]}
+    archive_min = source.info()["archive"][0]["min"]
+    assert archive_before < archive_min <= full3.restore["archive_start"]
+    assert f"WAL before {archive_min} removed" in said
+    restore_test = RestoreTest(target={"host": "127.0.0.1", "port": free_port()})
+    with driver.restore(full3, catalog.store, restore_test, Path("/nonexistent")) as restored:
+        assert restored.recovery_point is not None and restored.recovery_point > full3.recovery_point
+        assert restored.counts() == _source_counts(source)
+
+    # The last full backup stays: pgBackRest keeps one.
+    with pytest.raises(BackupError, match="only full backup.*take a full backup first"):
+        driver.expire(full3, catalog.store)
+    assert source.labels() == {label[full3.backup_id]}
 
 
 def test_no_pgbackrest_process_of_this_stanza_is_left(backups: Backups, pgbackrest_source: PgBackRestSource) -> None:

@@ -377,3 +377,47 @@ def test_scratch_database_is_dropped_while_a_superuser_process_holds_it(
         threading.Timer(1.5, holder.close).start()
     assert holder is not None and holder.closed
     assert "ontology_restore_test" not in databases(pg_backup_source)
+
+
+def test_source_bytes_are_the_table_data_pg_dump_read_not_the_compressed_dump(
+    pg_backup_source: PostgresServer, driver: PostgresDumpDriver, tmp_path: Path  # noqa: F811
+) -> None:
+    with pg_backup_source.connect_superuser() as conn:
+        conn.execute("CREATE DATABASE sized OWNER ops")
+    with pg_backup_source.connect("sized") as conn:
+        conn.execute(
+            "CREATE TABLE doc (id int PRIMARY KEY, body text NOT NULL) WITH (autovacuum_enabled = false);"
+            "INSERT INTO doc SELECT i, repeat(md5(i::text), 8) FROM generate_series(1, 20000) AS i;"
+            "CREATE INDEX doc_body ON doc (body);"
+            "SELECT lo_from_bytea(0, convert_to(repeat('large object ', 20000), 'UTF8'));"
+        )
+
+    def measured() -> tuple[int, int, int]:
+        """What pg_dump reads (table + large objects), the index it does not read, the whole database."""
+        with pg_backup_source.connect("sized") as conn:
+            row = conn.execute(
+                "SELECT pg_table_size('doc') + pg_table_size('pg_largeobject'), pg_relation_size('doc_body'), "
+                "pg_database_size('sized')"
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    store = LocalObjectStore(tmp_path / "store")
+    catalog = BackupCatalog(store, "pg_main")
+    spec = datastore(pg_backup_source, database="sized")
+
+    manifest = catalog.run_backup(driver, spec, PARTITION, password=pg_backup_source.password)
+
+    read, index, database = measured()
+    assert manifest.source_bytes == read
+    assert manifest.bytes == manifest.artifacts[0].size  # stored: the compressed dump
+    assert manifest.source_bytes > 2 * manifest.bytes
+    assert read + index <= database  # indexes and catalogs are not counted as read
+
+    # Deleted rows stay in the pages pg_dump scans: the dump shrinks, what it reads does not.
+    with pg_backup_source.connect("sized") as conn:
+        conn.execute("DELETE FROM doc WHERE id % 2 = 0")
+    thinner = catalog.run_backup(driver, spec, PARTITION, password=pg_backup_source.password)
+    assert thinner.counts == {"table:public.doc": 10000}
+    assert thinner.source_bytes == measured()[0] == manifest.source_bytes
+    assert thinner.bytes < manifest.bytes

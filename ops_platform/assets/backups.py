@@ -363,6 +363,7 @@ def restore_test_metadata(result: RestoreTestResult) -> dict[str, object]:
         "total_seconds": dg.MetadataValue.float(round(result.total_seconds, 3)),
         "recovery_point": dg.MetadataValue.timestamp(result.recovery_point.timestamp()),
         "data_loss_seconds": dg.MetadataValue.float(round(result.backup_age_seconds, 1)),
+        "recovery_note": result.recovery_note or "the backup's own recovery point",
         "verified": result.verified,
         "problems": "\n".join(result.problems) or "none",
         "counts": table(result_rows(result)),

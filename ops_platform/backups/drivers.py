@@ -59,15 +59,16 @@ def build_driver(datastore: Datastore, services: DriverServices) -> BackupDriver
             PgBackRestRepo.from_settings(_pgbackrest_settings(services)),
             run_as=service_user(),
             pg_socket_path=services.environ.get("PGBACKREST_PG1_SOCKET_PATH"),
+            source_password=_optional(services.password, datastore),
         )
     if engine == "redis":
         from ops_platform.backups.redis_rdb import RedisRdbDriver
 
         return RedisRdbDriver(target_password=_optional(services.target_password, datastore))
     if engine == "etcd":
-        from ops_platform.backups.etcd_snapshot import EtcdSnapshotDriver
+        from ops_platform.backups.etcd_snapshot import EtcdSnapshotDriver, client_ssl_context
 
-        return EtcdSnapshotDriver()
+        return EtcdSnapshotDriver(ssl_context=client_ssl_context(datastore.connection))
     if engine == "elasticsearch":
         from ops_platform.backups.elasticsearch_snapshot import ElasticsearchSnapshotDriver
 
@@ -77,8 +78,13 @@ def build_driver(datastore: Datastore, services: DriverServices) -> BackupDriver
 
         options = datastore.milvus
         assert options is not None  # the spec requires the section
-        token = services.environ.get(options.token_env) if options.token_env else None
-        return MilvusBackupDriver(MilvusRestCollections(options.server_url, token=token))
+        # Restored collections are counted and dropped in the target's Milvus, with the target's token.
+        target = datastore.restore_test.target if datastore.restore_test else None
+        token_env = (target.password_env if target and options.restore_server_url else None) or options.token_env
+        token = services.environ.get(token_env) if token_env else None
+        return MilvusBackupDriver(MilvusRestCollections(
+            options.restore_server_url or options.server_url, token=token,
+            setting="milvus.restore_server_url" if options.restore_server_url else "milvus.server_url"))
     if engine == "neo4j":
         from ops_platform.backups.neo4j_backup import Neo4jBackupDriver
 

@@ -8,6 +8,11 @@ those of the dump. pg_dump's stdout goes straight into ``store.put`` through
 killed, so the put rolls back (S3 aborts its multipart upload) and nothing is
 committed. No file holds the dump on our side.
 
+Sizes: the manifest's ``bytes`` is the compressed dump as stored;
+``source_bytes`` what pg_dump read, the table data (heap and TOAST) and
+large objects of the database, measured in the exporting transaction, so
+``source_bytes`` / duration is the read rate.
+
 Restore: into the scratch database ``restore_test.target.database`` on the
 target server, created by us and marked with a comment; only a database that
 carries the mark is ever dropped. When nothing listens on the target and
@@ -70,16 +75,21 @@ SCRATCH_DATABASE_MARK = "ops_platform restore test"
 TARGET_SETTING = "restore_test.target"
 
 # Tables (and leaf partitions) of the users' schemas, not those an extension owns.
-USER_TABLES_SQL = """
-SELECT n.nspname, c.relname
+_USER_TABLES = """
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r'
   AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
   AND NOT EXISTS (
     SELECT 1 FROM pg_depend d
     WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
-ORDER BY 1, 2
 """
+USER_TABLES_SQL = f"SELECT n.nspname, c.relname {_USER_TABLES} ORDER BY 1, 2"
+# What pg_dump reads: the heap and TOAST of those tables and the large objects; indexes are
+# dumped as definitions, not read. File sizes now, dead rows included, as a sequential scan reads them.
+DUMPED_BYTES_SQL = (
+    "SELECT (coalesce(sum(pg_table_size(c.oid)), 0) + pg_table_size('pg_catalog.pg_largeobject'))::bigint "
+    + _USER_TABLES
+)
 # `pg_restore --list` line of a table's data: "3345; 0 16385 TABLE DATA public concept ops".
 _TOC_TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ")
 
@@ -329,7 +339,7 @@ class PostgresDumpDriver:
     def pg_dump_version(self) -> str:
         """``15.18`` from ``pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)``."""
         output = subprocess.run(
-            [self.tool("pg_dump"), "--version"], capture_output=True, text=True, check=True
+            [self.tool("pg_dump"), "--version"], capture_output=True, text=True, check=True, timeout=30
         ).stdout
         match = re.search(r"\) (\S+)", output)
         return match.group(1) if match else output.strip()
@@ -361,6 +371,8 @@ class PostgresDumpDriver:
             ).fetchone()
             assert row is not None
             snapshot, snapshot_time, server_version, server_version_num = row
+            sized = session.execute(DUMPED_BYTES_SQL).fetchone()
+            source_bytes = int(sized[0]) if sized else None
             # Rows are counted in the exporting transaction while pg_dump streams the same
             # snapshot, so counting costs no time of the backup; the transaction stays open
             # until pg_dump is done with the snapshot.
@@ -393,6 +405,7 @@ class PostgresDumpDriver:
                 "source": source_of(conn),
             },
             counts=counts,
+            source_bytes=source_bytes,
             details={
                 "tables": len(counts),
                 "rows": sum(counts.values()),

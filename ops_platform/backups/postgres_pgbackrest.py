@@ -21,27 +21,43 @@ private 0700 directory, so settings in the machine's ``/etc/pgbackrest*``
 never mix in.
 
 Counts: right after the backup, the rows of every logged user table of the
-spec's database, counted in one REPEATABLE READ transaction. A restore goes
-to the backup's consistent point (``--type=immediate``), so the counts match
-the restored data exactly when nothing was written to the source between the
-end of the backup and the count; on a busy source a table written in that
-window can hold more rows than its restore. Unlogged tables are not counted:
-pgBackRest does not back up their data.
+spec's database, counted in one REPEATABLE READ transaction. Unlogged tables
+are not counted: pgBackRest does not back up their data.
+
+Sizes: ``source_bytes`` is what pgBackRest copied from the cluster for this
+backup (``info.delta``: the whole cluster for a full, the changed files for an
+incr), ``stored_bytes`` what this backup added to the repository
+(``info.repository.delta``); see :func:`backup_sizes`.
 
 Recovery point: the newest point a restore can reach. That is the stop time
 of the newest backup, or, when the source's WAL archiving is working (its
 last archived segment, ``pg_stat_archiver``, is in the repository's archive),
 the time that segment was archived.
 
-Restore: ``pgbackrest restore --set=<label> --archive-mode=off
---type=immediate`` (or ``--type=time`` for a point in time) into a scratch
-data directory, then a scratch postmaster on ``restore_test.target``'s port
-(see :mod:`ops_platform.local_servers.postgres_scratch`); it fetches WAL from
-the repository with ``archive-get``, and the restore is ready when it leaves
-recovery. It never writes to the source: the target is compared with the
-source's address and data directory before anything is written, the restore
-gets no ``pg1-*`` option of the source, tablespaces are mapped into the
-scratch directory, and archiving stays off.
+Restore: a point-in-time restore to the newest point the WAL archive proves
+when the restore starts. On the source, one read-only transaction reads the
+server's clock (the target time T) and takes a transaction id, so a commit
+record later than T exists (a time target is reached only at a commit after
+it); ``pgbackrest check`` then switches WAL and waits until that segment is in
+the repository. ``pgbackrest restore --set=<label> --archive-mode=off
+--type=time --target=T --target-action=promote`` into a scratch data
+directory, a scratch postmaster on ``restore_test.target``'s port (see
+:mod:`ops_platform.local_servers.postgres_scratch`) replays the WAL with
+``archive-get``, and the restore is ready when it leaves recovery; PostgreSQL
+(13 and later) refuses to promote when the WAL ends before T. The restored
+cluster's ``recovery_point`` is T. When T cannot be proven (source
+unreachable, archiving broken), the restore goes to the backup's consistent
+point (``--type=immediate``), ``recovery_point`` is the backup's stop and
+``recovery_note`` says why. It never writes to the source's data: the target
+is compared with the source's address and data directory before anything is
+written, ``pgbackrest restore`` gets no ``pg1-*`` option of the source,
+tablespaces are mapped into the scratch directory, and archiving stays off.
+
+Retention: our catalog owns it. pgBackRest's own is set so it never expires a
+backup (``repo1-retention-full`` at its maximum, count-based); the catalog
+calls :meth:`PgBackRestDriver.expire` for each backup it drops, which runs
+``pgbackrest expire --set=<label>`` and removes the WAL no remaining backup
+needs.
 """
 
 from __future__ import annotations
@@ -54,10 +70,10 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,12 +108,17 @@ from ops_platform.local_servers.process import (
 )
 from ops_platform.resources.datastores import PostgresEndpoint
 from ops_platform.resources.object_store import ObjectStore
-from ops_platform.spec import Connection, Datastore, PgBackRestOptions, RestoreTest, Retention
+from ops_platform.spec import Connection, Datastore, PgBackRestOptions, RestoreTest
 
 INFO_ARTIFACT = "pgbackrest-info.json"
 DEFAULT_PORT = 5432
 TARGET_SETTING = "restore_test.target"
 SPEC_SECTION = "pgbackrest section of the datastore in the platform spec"
+# pgBackRest's largest repo1-retention-full: with count-based retention its own expire (run after
+# every backup) then never removes a full backup, nor WAL (archive retention follows it), so a
+# backup leaves the repository only when our catalog's retention drops it (PgBackRestDriver.expire).
+RETENTION_FULL_MAX = 9_999_999
+_CATALOG_OWNS_RETENTION = {"repo1-retention-full-type": "count", "repo1-retention-full": str(RETENTION_FULL_MAX)}
 # What a child process gets besides its pgBackRest options.
 DEFAULT_BASE_ENV: dict[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -118,6 +139,9 @@ ORDER BY 1, 2
 """
 
 _WAL_NAME = re.compile(r"^[0-9A-F]{24}")
+_RESTORED_WAL = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
+# PostgreSQL 13+ ends a point-in-time recovery with this FATAL when the WAL runs out before its target.
+TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 _ERROR_LINE = re.compile(r"^(?:ERROR|WARN): \[\d+\]: .*|^ERROR: .*")
 
 
@@ -316,19 +340,13 @@ class ToolRun:
 
 @dataclass(frozen=True)
 class RecoveryPoint:
-    """The newest point in time a restore can reach, and why."""
+    """The newest point in time a restore of a backup can reach, as known when it was taken, and why."""
 
     at: datetime
     basis: Literal["wal archive", "backup stop"]
     backup_label: str | None
     last_archived_wal: str | None = None
     note: str = ""
-    measured_at: datetime | None = None
-
-    @property
-    def age(self) -> timedelta | None:
-        """How much would be lost restoring now: what the RPO objective bounds."""
-        return None if self.measured_at is None else self.measured_at - self.at
 
 
 @dataclass(frozen=True)
@@ -471,8 +489,10 @@ class PgBackRestDriver:
     pgBackRest's lock directory (None: its default ``/tmp/pgbackrest``);
     every backup of a stanza must use the same one. ``scratch_settings``:
     extra ``-c`` settings of the scratch server (e.g. a smaller
-    ``shared_buffers`` than the source's). ``clock``: now, for
-    :meth:`recovery_point`.
+    ``shared_buffers`` than the source's). ``source_password``: the password
+    of the source's ``connection.user`` (from its ``password_env``); a
+    restore logs in with it to fix the target time on the source (see
+    :meth:`restore`), and without it restores only to the backup's stop.
     """
 
     engine = "postgresql"
@@ -494,7 +514,7 @@ class PgBackRestDriver:
         scratch_settings: Mapping[str, str] | None = None,
         connect_timeout: int = 10,
         base_env: Mapping[str, str] | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        source_password: str | None = None,
     ) -> None:
         self.repo = repo
         self._pgbackrest_bin = pgbackrest_bin
@@ -509,7 +529,7 @@ class PgBackRestDriver:
         self.scratch_settings = dict(scratch_settings or {})
         self.connect_timeout = connect_timeout
         self.base_env = dict(DEFAULT_BASE_ENV if base_env is None else base_env)
-        self.clock = clock
+        self.source_password = source_password
 
     @property
     def pgbackrest_bin(self) -> str:
@@ -545,10 +565,13 @@ class PgBackRestDriver:
         archive_max = _archive_max(info)
         point = newest_restorable_point(entry, archive_max, archiver)
         database = next((db for db in info.get("db", []) if db.get("id") == entry["database"]["id"]), {})
+        source_bytes, stored_bytes = backup_sizes(entry)
         return BackupOutcome(
             artifacts=(Artifact.from_stored(INFO_ARTIFACT, stored),),
             source_version=server_version,
             recovery_point=point.at,
+            source_bytes=source_bytes,
+            stored_bytes=stored_bytes,
             restore={
                 "stanza": pg.stanza,
                 "label": entry["label"],
@@ -567,6 +590,10 @@ class PgBackRestDriver:
                 "database": datastore.connection.database,
                 "user": datastore.connection.user,
                 "source": {**source_of(datastore.connection), "data_dir": str(Path(pg.pg_path).resolve())},
+                # Where `pgbackrest check` reaches the source when a restore fixes its target time.
+                "pg_path": pg.pg_path,
+                "pg_host": pg.pg_host,
+                "pg_host_port": pg.pg_host_port,
             },
             counts=counts,
             details={
@@ -590,34 +617,10 @@ class PgBackRestDriver:
                 "rows": sum(counts.values()),
                 "consistency": (
                     "counts taken right after the backup in one REPEATABLE READ transaction; "
-                    "exact for a restore to the backup's consistent point when the source was quiet"
+                    "a restore replaying WAL past the backup holds these rows and those written since"
                 ),
             },
         )
-
-    def recovery_point(self, datastore: Datastore, password: str | None = None) -> RecoveryPoint:
-        """The newest point a restore of ``datastore`` can reach now (for the RPO check).
-
-        Reads ``pgbackrest info`` and the source's ``pg_stat_archiver``; when
-        the source cannot be read, falls back to the newest backup's stop
-        time and says so in ``note``.
-        """
-        pg = _pgbackrest_section(datastore, OpsPlatformError)
-        where = f"recovery point of '{datastore.name}' (stanza '{pg.stanza}')"
-        with self._session(pg.stanza, self._repo_options(pg)) as session:
-            self._require_repository(where, OpsPlatformError)
-            info = self._stanza_info(session, where, OpsPlatformError)
-        backups = [b for b in (info or {}).get("backup", []) if not b.get("error")]
-        if not backups:
-            raise OpsPlatformError(f"{where}: the repository {self.repo.address} holds no backup yet")
-        newest = max(backups, key=lambda b: b["timestamp"]["stop"])
-        try:
-            point = newest_restorable_point(newest, _archive_max(info or {}), self._archiver(datastore, password))
-        except OpsPlatformError as error:
-            point = replace(
-                newest_restorable_point(newest, _archive_max(info or {}), None), note=f"source not read: {error}"
-            )
-        return replace(point, measured_at=self.clock())
 
     def verify(self, manifest: BackupManifest, store: ObjectStore) -> Verification:
         """``pgbackrest verify`` of the repository, judged for this backup, its references and the WAL archive.
@@ -647,7 +650,7 @@ class PgBackRestDriver:
             if entry is None:
                 problems.append(
                     f"backup {label} is no longer in the repository {self.repo.address} "
-                    f"(expired by pgBackRest retention, or another repo_path/stanza)"
+                    f"(expired, or another repo_path/stanza)"
                 )
             elif entry.get("error"):
                 problems.append(f"backup {label}: pgBackRest recorded page checksum errors while taking it")
@@ -701,11 +704,13 @@ class PgBackRestDriver:
     ) -> Iterator[RestoredCluster]:
         """Restore the backup into a scratch cluster on ``restore_test.target`` and yield it.
 
-        ``target_time``: recover to that point in time instead of the
-        backup's consistent point (it must be at or after the backup's stop).
-        ``work_dir`` is not used: the scratch cluster lives in
-        ``restore_test.target.data_dir`` or a fresh directory under the
-        system temp dir, which the service user can enter.
+        Recovers to the newest point the WAL archive proves now (see the
+        module docstring), or to ``target_time`` when given (it must be at or
+        after the backup's stop). The cluster's ``recovery_point`` is the
+        point recovery reached; a WAL archive that ends before it fails the
+        restore with :class:`RestoreError`. ``work_dir`` is not used: the
+        scratch cluster lives in ``restore_test.target.data_dir`` or a fresh
+        directory under the system temp dir, which the service user can enter.
         """
         restore = manifest.restore
         target = restore_test.target
@@ -724,21 +729,29 @@ class PgBackRestDriver:
         _refuse_nested_data_dir(name, restore.get("source") or {}, target.data_dir)
         if port is None:
             raise RestoreError(f"restore of '{name}': a pgBackRest restore test needs {TARGET_SETTING}.port")
-        recovery = ["--type=immediate"]
-        if target_time is not None:
-            backup_stop = datetime.fromisoformat(restore["backup_stop"])
-            if target_time.tzinfo is None or target_time.astimezone(UTC) < backup_stop:
-                raise RestoreRefused(
-                    f"restore of '{name}' refused: target_time {target_time.isoformat()} must be time-zone aware "
-                    f"and not before backup {label} stopped ({backup_stop.isoformat()})"
-                )
-            recovery = ["--type=time", f"--target={target_time.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}+00"]
+        backup_stop = datetime.fromisoformat(restore["backup_stop"])
+        if target_time is not None and (target_time.tzinfo is None or target_time.astimezone(UTC) < backup_stop):
+            raise RestoreRefused(
+                f"restore of '{name}' refused: target_time {target_time.isoformat()} must be time-zone aware "
+                f"and not before backup {label} stopped ({backup_stop.isoformat()})"
+            )
         if port_is_open(host, port, timeout=1.0):
             raise RestoreError(
                 f"restore of '{name}': scratch target {host}:{port} is already in use by another server; "
                 f"a pgBackRest restore starts its own (check {TARGET_SETTING}.port)"
             )
         where = f"restore of '{name}' backup {label} (stanza '{stanza}')"
+        if target_time is None:
+            target_time, why_not = self._archived_target_time(restore, name)
+        else:
+            why_not = ""
+        if target_time is not None:
+            target_time = target_time.astimezone(UTC)
+            recovery = ["--type=time", f"--target={target_time:%Y-%m-%d %H:%M:%S.%f}+00"]
+            note = f"WAL replayed to {target_time.isoformat()}"
+        else:
+            recovery = ["--type=immediate"]
+            note = f"restored to the backup's stop ({backup_stop.isoformat()}) only: {why_not}"
         with ExitStack() as cleanup:
             session = cleanup.enter_context(self._session(stanza, self._repo_options_for(restore["repo_path"])))
             base_path = self._scratch_base(target, cleanup)
@@ -752,13 +765,14 @@ class PgBackRestDriver:
                 f"--process-max={int(restore.get('process_max') or 1)}",
                 *recovery, "--target-action=promote", f"--tablespace-map-all={base / 'tablespaces'}",
             )
-            server = self._start_scratch(session, name, data_dir, base, host, port, restore)
+            server = self._start_scratch(session, where, data_dir, base, host, port, restore, target_time)
             cleanup.callback(server.stop)
-            self._wait_until_promoted(server, name)
+            self._wait_until_promoted(server, where, target_time)
+            reached = "the backup's stop" if target_time is None else target_time.isoformat()
             yield RestoredCluster(
                 description=(
                     f"postgresql {host}:{port}/{restore.get('database')} restored from pgBackRest "
-                    f"{stanza} {label} into {data_dir}"
+                    f"{stanza} {label} to {reached} into {data_dir}"
                 ),
                 host=str(server.socket_dir),
                 port=port,
@@ -768,7 +782,102 @@ class PgBackRestDriver:
                 connect_timeout=self.connect_timeout,
                 address=f"{host}:{port}",
                 data_dir=data_dir,
+                recovery_point=target_time or backup_stop,
+                recovery_note=note,
             )
+
+    def expire(self, manifest: BackupManifest, store: ObjectStore) -> str:
+        """Remove this backup from the repository (``pgbackrest expire --set``) and the WAL no backup left needs.
+
+        Refused with :class:`BackupError`, removing nothing, when the set is
+        not in the repository, when other backups depend on it (pgBackRest
+        would expire them with it; retry once they are expired), or when it
+        is the stanza's only full backup (pgBackRest keeps one).
+        """
+        restore = manifest.restore
+        stanza, label, repo_path = restore.get("stanza"), restore.get("label"), restore.get("repo_path")
+        if not stanza or not label or not repo_path:
+            raise BackupError(
+                f"expire of '{manifest.datastore}' backup {manifest.backup_id}: the manifest has no pgBackRest "
+                "stanza, label or repo_path, so nothing in the repository can be matched to it"
+            )
+        where = f"expire of '{manifest.datastore}' backup {label} (stanza '{stanza}')"
+        with self._session(stanza, self._repo_options_for(repo_path)) as session:
+            self._require_repository(where, BackupError)
+            info = self._stanza_info(session, where, BackupError)
+            if info is None:
+                raise BackupError(f"{where}: {self._stanza_missing(stanza, repo_path)}")
+            backups = {backup["label"]: backup for backup in info.get("backup", [])}
+            if label not in backups:
+                raise BackupError(
+                    f"{where}: the repository {self.repo.address} has no backup {label} under {repo_path} "
+                    f"(already expired, or the manifest names another stanza or repo_path; "
+                    f"`pgbackrest info --stanza={stanza}` lists what is there)"
+                )
+            dependents = sorted(other for other in backups if label in _ancestors(backups, other))
+            if dependents:
+                raise BackupError(
+                    f"{where}: kept, nothing removed: {', '.join(dependents)} depend on it and pgBackRest would "
+                    "expire them with it; it can be expired once they are"
+                )
+            fulls_left = [other for other, backup in backups.items() if backup["type"] == "full" and other != label]
+            if not fulls_left:
+                raise BackupError(
+                    f"{where}: kept, nothing removed: it is the stanza's only full backup and pgBackRest keeps one "
+                    "(take a full backup first)"
+                )
+            archive_min = _archive_min(info)
+            # Archive retention over every full backup left keeps the WAL from the oldest of them on,
+            # so each backup still in the repository stays restorable to any later point in time.
+            self._run_checked(
+                session, where, BackupError, "expire", f"--set={label}",
+                "--repo1-retention-archive-type=full", f"--repo1-retention-archive={len(fulls_left)}",
+            )
+            after = self._stanza_info(session, where, BackupError) or {}
+        if any(backup["label"] == label for backup in after.get("backup", [])):
+            raise BackupError(f"{where}: pgbackrest expire succeeded but pgbackrest info still lists {label}")
+        wal = _archive_min(after)
+        removed_wal = f"; WAL before {wal} removed" if wal and archive_min and wal > archive_min else ""
+        return f"pgBackRest backup {label} expired from stanza '{stanza}' in {self.repo.address}{removed_wal}"
+
+    def _archived_target_time(self, restore: Mapping[str, Any], name: str) -> tuple[datetime | None, str]:
+        """The newest point the WAL archive proves now, or None and why not.
+
+        Reads the source's clock (T) in a read-only transaction that also
+        takes a transaction id: its commit is a WAL record later than T, and a
+        recovery to T can only stop at a commit after T (a quiet source may
+        have none). ``pgbackrest check`` then switches WAL on the source and
+        waits until that segment is in the repository.
+        """
+        source = restore.get("source") or {}
+        endpoint = PostgresEndpoint(
+            name=name, host=str(source.get("host")), port=int(source.get("port") or DEFAULT_PORT),
+            database=str(restore.get("database")), user=str(restore.get("user")),
+            password=self.source_password or "", connect_timeout=self.connect_timeout,
+        )
+        try:
+            with endpoint.connect() as conn:
+                conn.read_only = True
+                row = conn.execute("SELECT clock_timestamp()").fetchone()
+                conn.execute("SELECT pg_current_xact_id()")
+        except OpsPlatformError as error:  # names the setting to check
+            return None, f"the source could not fix a target time: {error}"
+        except psycopg.Error as error:  # e.g. a standby, which cannot take a transaction id
+            return None, f"the source {endpoint.address} could not fix a target time: {_printable(str(error))}"
+        assert row is not None
+        target_time: datetime = row[0]
+        pg_path = str(restore.get("pg_path") or source.get("data_dir"))
+        options = self._pg_options(
+            str(restore["repo_path"]), pg_path, endpoint.port, restore.get("pg_host"), restore.get("pg_host_port")
+        )
+        with self._session(str(restore["stanza"]), options) as session:
+            run = self._run(session, "check")
+        if not run.ok:
+            return None, (
+                f"pgbackrest check found no proof that the WAL archive reaches {target_time.isoformat()}: "
+                f"{self._explain(run, session)}"
+            )
+        return target_time, ""
 
     def _scratch_base(self, target: Connection, cleanup: ExitStack) -> Path:
         if target.data_dir:
@@ -778,7 +887,8 @@ class PgBackRestDriver:
         return parent / "restore"
 
     def _start_scratch(
-        self, session: _Session, name: str, data_dir: Path, base: Path, host: str, port: int, restore: Mapping[str, Any]
+        self, session: _Session, where: str, data_dir: Path, base: Path, host: str, port: int,
+        restore: Mapping[str, Any], target_time: datetime | None,
     ) -> PostgresServer:
         try:
             return start_restored_postgres(
@@ -793,17 +903,18 @@ class PgBackRestDriver:
                 start_timeout=self.recovery_timeout_seconds,
             )
         except (ServerStartError, FileNotFoundError) as error:
-            raise RestoreError(
-                f"restore of '{name}': the scratch postgresql on {host}:{port} did not start "
+            # Replay can run out of WAL before the server first accepts connections.
+            raise _target_not_reached(base / "postgresql.log", where, target_time) or RestoreError(
+                f"{where}: the scratch postgresql on {host}:{port} did not start "
                 f"(check {TARGET_SETTING}.host/port): {session.scrub(str(error))}"
             ) from None
 
-    def _wait_until_promoted(self, server: PostgresServer, name: str) -> None:
+    def _wait_until_promoted(self, server: PostgresServer, where: str, target_time: datetime | None) -> None:
         deadline = time.monotonic() + self.recovery_timeout_seconds
         while True:
             if not server.running():
-                raise RestoreError(
-                    f"restore of '{name}': the scratch postgresql on {server.host}:{server.port} stopped "
+                raise _target_not_reached(server.log_path, where, target_time) or RestoreError(
+                    f"{where}: the scratch postgresql on {server.host}:{server.port} stopped "
                     f"during recovery; log {server.log_path}:\n{server.log_tail()}"
                 )
             try:
@@ -813,14 +924,11 @@ class PgBackRestDriver:
                 pass  # between recovery's end and promotion the server may refuse briefly
             if time.monotonic() > deadline:
                 raise RestoreError(
-                    f"restore of '{name}': the scratch postgresql on {server.host}:{server.port} is still "
+                    f"{where}: the scratch postgresql on {server.host}:{server.port} is still "
                     f"in recovery after {self.recovery_timeout_seconds:g} s (is the WAL the backup needs in "
                     f"the repository's archive?); log tail:\n{server.log_tail()}"
                 )
             time.sleep(0.05)
-
-    def _repo_options(self, pg: PgBackRestOptions) -> dict[str, str]:
-        return self._repo_options_for(pg.repo_path)
 
     def _repo_options_for(self, repo_path: str) -> dict[str, str]:
         options = {
@@ -833,24 +941,27 @@ class PgBackRestDriver:
         if self.lock_path:
             options["lock-path"] = self.lock_path
         extra = {name: value for name, value in self.extra_options.items() if not name.startswith("pg")}
-        return {**options, **extra}
+        return {**options, **extra, **_CATALOG_OWNS_RETENTION}  # after the extra options: one owner
 
     def _source_options(self, datastore: Datastore, pg: PgBackRestOptions) -> dict[str, str]:
         """Repository options plus ``pg1-*`` for the source: only backups and checks get these."""
-        options = {
-            **self._repo_options(pg),
-            "pg1-path": pg.pg_path,
-            "pg1-port": str(datastore.connection.port or DEFAULT_PORT),
+        return {
             "process-max": str(pg.process_max),
             "start-fast": "y",
-            "repo1-retention-full-type": "time",
-            "repo1-retention-full": str(_retention_days(datastore.retention, pg.full_every_days)),
+            **self._pg_options(
+                pg.repo_path, pg.pg_path, datastore.connection.port or DEFAULT_PORT, pg.pg_host, pg.pg_host_port
+            ),
         }
+
+    def _pg_options(
+        self, repo_path: str, pg_path: str, port: int, pg_host: str | None, pg_host_port: int | None
+    ) -> dict[str, str]:
+        options = {**self._repo_options_for(repo_path), "pg1-path": pg_path, "pg1-port": str(port)}
         if self.pg_socket_path:
             options["pg1-socket-path"] = self.pg_socket_path
-        if pg.pg_host:
-            options |= {"pg1-host": pg.pg_host, "pg1-host-port": str(pg.pg_host_port), "pg1-host-type": "tls"}
-        return {**options, **self.extra_options}
+        if pg_host:
+            options |= {"pg1-host": pg_host, "pg1-host-port": str(pg_host_port), "pg1-host-type": "tls"}
+        return {**options, **self.extra_options, **_CATALOG_OWNS_RETENTION}
 
     @contextmanager
     def _session(self, stanza: str, options: Mapping[str, str]) -> Iterator[_Session]:
@@ -1020,17 +1131,20 @@ class PgBackRestDriver:
             raise BackupError(f"{where}: the backup is in the repository but counting rows failed: {error}") from None
         return counts, str(version_row[0]) if version_row else "", archiver
 
-    def _archiver(self, datastore: Datastore, password: str | None) -> ArchiverStatus:
-        with self._endpoint(datastore, password).connect(autocommit=True) as conn:
-            return _read_archiver(conn)
-
 
 @dataclass(frozen=True)
 class RestoredCluster(RestoredPostgres):
-    """A scratch cluster restored by pgBackRest; reached through its Unix socket (``host`` is the socket directory)."""
+    """A scratch cluster restored by pgBackRest; reached through its Unix socket (``host`` is the socket directory).
+
+    ``recovery_point``: the point in time recovery reached (the target time,
+    or the backup's stop); ``recovery_note``: how it was reached, or why no
+    later point could be proven.
+    """
 
     address: str = ""
     data_dir: Path | None = None
+    recovery_point: datetime | None = None
+    recovery_note: str = ""
 
     def counts(self) -> dict[str, int]:
         with self.connect() as conn:
@@ -1063,9 +1177,57 @@ def _pgbackrest_section(datastore: Datastore, error: type[OpsPlatformError]) -> 
     return datastore.pgbackrest
 
 
-def _retention_days(retention: Retention, full_every_days: int) -> int:
-    """Keep full backups (and their WAL) as long as the catalog's retention can still point at them."""
-    return max(retention.daily, 7 * retention.weekly) + full_every_days
+def _ancestors(backups: Mapping[str, Mapping[str, Any]], label: str) -> set[str]:
+    """The backups ``label`` is built on: its prior, that one's prior, ... (what pgBackRest expires it with)."""
+    found: set[str] = set()
+    prior = backups.get(label, {}).get("prior")
+    while prior and prior not in found:
+        found.add(prior)
+        prior = backups.get(prior, {}).get("prior")
+    return found
+
+
+def _archive_min(info: Mapping[str, Any]) -> str | None:
+    """The oldest WAL segment of the current database's archive."""
+    archives = [archive for archive in info.get("archive", []) if archive.get("min")]
+    if not archives:
+        return None
+    return str(max(archives, key=lambda archive: archive.get("database", {}).get("id", 0))["min"])
+
+
+def _target_not_reached(log_path: Path, where: str, target_time: datetime | None) -> RestoreError | None:
+    """The error for a recovery whose WAL ended before its target time, read from the scratch server's log."""
+    if target_time is None:
+        return None
+    try:
+        log = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    if TARGET_NOT_REACHED not in log:
+        return None
+    restored = _RESTORED_WAL.findall(log)
+    last = f"the last segment it had was {restored[-1]}" if restored else "it had no segment from the archive"
+    return RestoreError(
+        f"{where}: WAL replay ended before the target time {target_time.isoformat()}: the repository's WAL "
+        f"archive does not reach it ({last}); a segment is missing or was never archived (run pgbackrest "
+        "verify on the stanza, and check the source's archive_command and pg_stat_archiver)"
+    )
+
+
+def backup_sizes(entry: Mapping[str, Any]) -> tuple[int, int]:
+    """``(source_bytes, stored_bytes)`` of one backup from its ``pgbackrest info`` entry.
+
+    Source: ``info.delta``, the bytes of the cluster's files this backup
+    copied: the whole cluster (``info.size``) for a full, only the files
+    changed since the prior backup for an incr, so bytes / duration is the
+    read rate. Stored: ``info.repository.delta``, the bytes this backup added
+    to the repository, i.e. what expiring it frees; ``info.repository.size``
+    would also count the files it references in earlier backups, so summing it
+    over the catalog's backups would count those several times. The WAL archive
+    is in neither.
+    """
+    info = entry["info"]
+    return int(info["delta"]), int(info["repository"]["delta"])
 
 
 def _new_backup(info: Mapping[str, Any], before: set[str], where: str) -> dict[str, Any]:
@@ -1134,6 +1296,7 @@ __all__ = [
     "RestoredCluster",
     "VerifyReport",
     "archive_command",
+    "backup_sizes",
     "choose_backup_type",
     "count_logged_rows",
     "newest_restorable_point",

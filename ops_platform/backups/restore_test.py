@@ -1,9 +1,11 @@
 """A restore test: prove the newest verified backup restores, with its data, within RTO and RPO.
 
-Fetch the newest verified backup, check its artifacts against the manifest again,
-refuse a target that is the source, restore into the scratch target, compare
-counts with the manifest, run the spec's verification queries, clean up, and
-measure. Plain Python; the Dagster asset only records the result.
+Run the live preflight (:mod:`ops_platform.backups.preflight`: the target is
+not the source by resolved address, the scratch target is ready), fetch the
+newest verified backup, check its artifacts against the manifest again,
+restore into the scratch target, compare counts with the manifest, run the
+spec's verification queries, clean up, and measure. Plain Python; the Dagster
+asset only records the result.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 from ops_platform.backups.base import BackupDriver, QueryResult, RestoreRefused, Verification
 from ops_platform.backups.catalog import BackupCatalog
 from ops_platform.backups.manifest import BackupManifest
-from ops_platform.backups.restore_target import same_server
-from ops_platform.spec import Connection, Datastore
+from ops_platform.backups.preflight import preflight_live
+from ops_platform.spec import Datastore
 
 
 @dataclass(frozen=True)
@@ -36,31 +38,11 @@ class RestoreTestResult:
     observed_counts: dict[str, int]
     queries: list[QueryResult]
     problems: list[str] = field(default_factory=list)
+    recovery_note: str = ""  # how the driver chose the recovery point (e.g. why no point-in-time target)
 
     @property
     def verified(self) -> bool:
         return not self.problems
-
-
-def target_is_source(source: Connection, target: Connection, rename_prefix: str | None = None) -> str | None:
-    """Why a restore into ``target`` would write to ``source``, or None when it would not.
-
-    Host names are compared by the addresses they resolve to, so ``localhost``
-    and ``127.0.0.1`` are the same server.
-    """
-    if source.data_dir and target.data_dir:
-        if Path(source.data_dir).resolve() == Path(target.data_dir).resolve():
-            return f"the target data directory {target.data_dir} is the source's"
-    if source.host and target.host and source.port is not None and target.port is not None:
-        if same_server(source.host, source.port, target.host, target.port) and source.database == target.database:
-            where = f"{target.host}:{target.port}" + (f"/{target.database}" if target.database else "")
-            return f"the target {where} is the source {source.host}:{source.port}"
-    if source.url and target.url and source.url.rstrip("/") == target.url.rstrip("/"):
-        if source.database == target.database and not rename_prefix:
-            return f"the target {target.url} is the source and no rename_prefix keeps the data apart"
-    if source.namespace and target.namespace and source.namespace == target.namespace and not source.url:
-        return f"the target namespace {target.namespace} is the source's"
-    return None
 
 
 def compare_counts(
@@ -94,19 +76,20 @@ def run_restore_test(
 ) -> RestoreTestResult:
     """Restore the newest verified backup of ``datastore`` into its restore-test target and verify it.
 
-    Raises :class:`RestoreRefused` before anything is written when there is no
-    verified backup, it no longer matches its checksum, or the target is the
-    source; a failed restore raises the driver's error after its cleanup.
+    Raises :class:`RestoreRefused` before anything is written when the live
+    preflight finds a problem (the target is the source, the scratch target
+    is not ready), there is no verified backup, or it no longer matches its
+    checksum; a failed restore raises the driver's error after its cleanup.
     """
     test_started_at = now()
     restore_test = datastore.restore_test
     if restore_test is None:
         raise RestoreRefused(f"datastore '{datastore.name}' has no restore_test in the platform spec")
-    reason = target_is_source(datastore.connection, restore_test.target, restore_test.rename_prefix)
-    if reason:
+    problems = preflight_live(datastore, driver, operation="restore_test")
+    if problems:
         raise RestoreRefused(
-            f"restore test of '{datastore.name}' refused before writing anything: {reason} "
-            "(check restore_test.target in the platform spec)"
+            f"restore test of '{datastore.name}' refused before writing anything: {'; '.join(problems)} "
+            "(check restore_test in the platform spec)"
         )
     manifest = _newest_verified(catalog, datastore.name)
     problems = catalog.verify_artifacts(manifest)
@@ -133,6 +116,7 @@ def run_restore_test(
         restore_seconds = monotonic() - started
         target = restored.description
         proven = getattr(restored, "recovery_point", None)
+        recovery_note = getattr(restored, "recovery_note", "") or ""
     total_seconds = monotonic() - started
 
     recovery_point = proven or manifest.recovery_point
@@ -147,7 +131,9 @@ def run_restore_test(
         restore_seconds=restore_seconds,
         total_seconds=total_seconds,
         recovery_point=recovery_point,
-        backup_age_seconds=(test_started_at - recovery_point).total_seconds(),
+        # A point-in-time target is taken after the test started: no data loss, not a negative one.
+        backup_age_seconds=max(0.0, (test_started_at - recovery_point).total_seconds()),
+        recovery_note=recovery_note,
         expected_counts=dict(manifest.counts),
         observed_counts=observed,
         queries=queries,
