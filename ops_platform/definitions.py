@@ -9,6 +9,7 @@ from ops_platform.environment import build_resources, get_environment
 from ops_platform.schedules import backups as backup_schedules
 from ops_platform.sensors import alerts as alert_sensors
 from ops_platform.sensors import image_tags as image_tag_sensors
+from ops_platform.sensors import promotions as promotion_sensors
 from ops_platform.sensors import run_failures as run_failure_sensors
 from ops_platform.schedules import reports as report_schedules
 from ops_platform.spec import Spec, load_spec
@@ -36,6 +37,7 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
         jobs=[*backup_jobs, *playbook_jobs],
         sensors=[
             *image_tag_sensors.build_image_tag_sensor(spec, environment),
+            *promotion_sensors.build_promotion_sensor(spec, environment),
             *alert_sensors.build_alert_sensor(spec, playbook_jobs, backup_jobs, environment),
             *run_failure_sensors.build_ops_alert_sensors(spec, environment),
         ],

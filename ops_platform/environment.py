@@ -5,6 +5,11 @@
 ``dg.EnvVar`` under each ecosystem's standard names (DESIGN.md, "Configuration
 surface"); a setting that is unset falls back to its default, or, where an
 environment cannot do without it, fails the run that needs it by name.
+
+Each platform environment of the spec (dev, staging, prod) also has its own
+cluster, ``kubernetes_<env>``, and ECR registry, ``ecr_<env>``, placed where
+``environments.<env>`` of the spec says it lives: the releases of one
+environment are given its resources and no other's.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ops_platform.resources.datastores import PostgresResource, RedisResource
 from ops_platform.resources.ecr import EcrResource
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.resources.object_store import ObjectStoreResource
-from ops_platform.spec import Datastore, Spec
+from ops_platform.spec import Datastore, Environment, Spec
 
 ENVIRONMENTS = ("local", "staging", "prod")
 ENV_VAR = "OPS_ENV"
@@ -60,6 +65,16 @@ def setting(name: str, default: Any = None) -> Any:
     return dg.EnvVar(name) if os.environ.get(name) else default
 
 
+def kubernetes_key(environment: str) -> str:
+    """Resource key of the cluster of one platform environment (dev, staging, prod)."""
+    return f"kubernetes_{environment}"
+
+
+def ecr_key(environment: str) -> str:
+    """Resource key of the ECR registry of one platform environment's repositories."""
+    return f"ecr_{environment}"
+
+
 def build_resources(spec: Spec, environment: str) -> dict[str, Any]:
     # Outside the sandbox, backups go to S3 only: a missing bucket fails the run by name.
     bucket = setting("OPS_BACKUP_BUCKET") if environment == "local" else dg.EnvVar("OPS_BACKUP_BUCKET")
@@ -80,17 +95,31 @@ def build_resources(spec: Spec, environment: str) -> dict[str, Any]:
         "prometheus": PrometheusResource(url=setting("PROMETHEUS_URL")),
         "alertmanager": AlertmanagerResource(url=setting("ALERTMANAGER_URL")),
         "pushgateway": PushgatewayResource(url=setting("OPS_PUSHGATEWAY_URL")),
-        "ecr": EcrResource(
-            region=region,
-            registry_id=spec.images.registry.account if spec.images else None,
-            endpoint_url=setting("AWS_ENDPOINT_URL"),
-        ),
     }
+    # Each platform environment has its own cluster and registry: an asset of one reaches no other.
+    for name in spec.platform.environments:
+        resources[kubernetes_key(name)] = _environment_cluster(spec.environment(name))
+        if spec.images is not None:
+            registry = spec.registry_of(name)
+            resources[ecr_key(name)] = EcrResource(
+                region=spec.environment(name).aws_region or region,
+                registry_id=registry.account,
+                endpoint_url=setting("AWS_ENDPOINT_URL"),
+            )
     for store in spec.datastores:
         connection = _connection_resource(store)
         if connection is not None:
             resources[connection_resource_key(store.name)] = connection
     return resources
+
+
+def _environment_cluster(located: Environment) -> KubernetesResource:
+    if located.in_cluster:
+        return KubernetesResource(in_cluster=True)
+    if located.kube_context is not None:
+        # Never the pod's own cluster in place of the named context: without a kubeconfig, fail naming KUBECONFIG.
+        return KubernetesResource(kubeconfig=setting("KUBECONFIG"), context=located.kube_context, in_cluster=False)
+    return KubernetesResource(kubeconfig=setting("KUBECONFIG"), context=setting("OPS_KUBE_CONTEXT"))
 
 
 def _connection_resource(store: Datastore) -> Any:

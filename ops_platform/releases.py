@@ -9,11 +9,19 @@ Plain Python, no Dagster import. The shell (``apps/<service>/<env>``) calls:
    re-pushed tag is refused); for prod, :func:`require_passed_staging` on the
    history of staging releases whose rollout became available: only a digest
    that passed staging is promoted.
-3. :func:`release`: render the chart with the tag for this service only,
-   server-side apply this service's objects and the shared ones, wait for the
-   Deployment's rollout, and roll back to the previous ReplicaSet's pod
-   template (as ``kubectl rollout undo`` does) when it does not become
-   available. The result says how the rollout finished (``rollout``).
+3. :func:`release`: render the chart for this service only, into the
+   environment's namespace, with the image pinned by the digest the gate
+   checked (``<repository>@sha256:...``; the tag only labels it); refuse the
+   release before anything is applied when an object would land outside that
+   namespace (:func:`check_blast_radius`); server-side apply this service's
+   objects and the shared ones, wait for the Deployment's rollout, and roll
+   back to the previous ReplicaSet's pod template (as ``kubectl rollout
+   undo`` does) when it does not become available. The result says how the
+   rollout finished (``rollout``).
+
+Promotion (:class:`Promotion`, :func:`next_promotion`, :func:`promotion_tag`):
+prod follows the newest staging release whose rollout became available,
+once prod's repository holds that digest; until then the digest waits.
 
 Errors say what went wrong with *this* release, without naming it: the caller
 (the asset) puts ``release of <service>:<tag> to <env>`` in front, once.
@@ -30,6 +38,7 @@ idempotent.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -40,10 +49,18 @@ from typing import Any
 import yaml
 
 from ops_platform.errors import OpsPlatformError
-from ops_platform.manifests import ManifestDocument, apply_order, object_ref, render_chart, resolve_manifest_dir
+from ops_platform.manifests import (
+    CLUSTER_SCOPED_BUILTIN_KINDS,
+    ManifestDocument,
+    apply_order,
+    object_ref,
+    render_chart,
+    resolve_manifest_dir,
+)
 from ops_platform.resources.ecr import EcrRegistry, ImageInfo
+from ops_platform.resources.ecr import ImageNotFound as EcrImageNotFound
 from ops_platform.resources.kubernetes import Condition, KubernetesClient, WaitTimeout
-from ops_platform.spec import Service
+from ops_platform.spec import Registry, Service
 
 NAME_LABEL = "app.kubernetes.io/name"
 REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
@@ -69,6 +86,10 @@ class DigestChanged(ReleaseError):
 
 class NotPassedStaging(ReleaseError):
     """Prod was asked for a digest that no staging release has proven."""
+
+
+class OutsideEnvironment(ReleaseError):
+    """A rendered object would land outside the environment's namespace."""
 
 
 class ReleaseFailed(OpsPlatformError):
@@ -108,6 +129,11 @@ class ReleaseResult:
     unchanged: list[str] = field(default_factory=list)
     released_at: datetime | None = None
     rollout: str = ""  # how the rollout finished, as rollout_state says it ("2/2 replicas available")
+
+
+def gate_of(service: Service, environment: str) -> str | None:
+    """The environment whose proven releases ``environment`` takes its digests from: staging for prod, else None."""
+    return "staging" if environment == "prod" and "staging" in service.environments else None
 
 
 def check_tag(service: Service, tag: str) -> None:
@@ -198,6 +224,45 @@ def service_objects(objects: Iterable[dict[str, Any]], service: Service) -> list
     return [document.obj for document in apply_order(kept)]
 
 
+def release_values(service: Service, tag: str, digest: str, namespace: str, registry: Registry) -> dict[str, Any]:
+    """Chart values of one release: the environment's namespace and registry, the image pinned by ``digest``."""
+    component = chart_component(service)
+    return {
+        "namespace": {"name": namespace},
+        # image.tag is the chart's fallback for the other component, whose objects are not applied.
+        "image": {"tag": tag, "registry": {"account": registry.account, "region": registry.region}},
+        component: {"image": {"tag": tag, "digest": digest}},
+    }
+
+
+def check_blast_radius(
+    objects: Iterable[dict[str, Any]], environment: str, namespace: str, namespaced: Callable[[dict[str, Any]], bool]
+) -> None:
+    """Raise :class:`OutsideEnvironment` unless every object lies in ``namespace`` (the Namespace itself aside).
+
+    ``namespaced(obj)`` says whether the cluster serves the object's kind per
+    namespace; a cluster-wide kind is refused even with a namespace set (the
+    server would ignore it and apply the object for the whole cluster).
+    """
+    outside = []
+    for obj in objects:
+        metadata = obj.get("metadata") or {}
+        if obj.get("kind") == "Namespace" and obj.get("apiVersion") == "v1":
+            if metadata.get("name") != namespace:
+                outside.append(f"{object_ref(obj)} (another namespace)")
+        elif obj.get("kind") in CLUSTER_SCOPED_BUILTIN_KINDS or not namespaced(obj):
+            outside.append(f"{object_ref(obj)} (cluster-wide)")
+        elif metadata.get("namespace") != namespace:
+            where = metadata.get("namespace") or "no namespace: the client's default"
+            outside.append(f"{object_ref(obj)} ({where})")
+    if outside:
+        raise OutsideEnvironment(
+            f"refused: the chart renders {len(outside)} object(s) outside namespace {namespace!r} of {environment}: "
+            f"{'; '.join(outside)} (a release writes only to its environment's namespace: fix the chart "
+            f"or environments.{environment}.namespace in infra/platform.yaml); nothing applied"
+        )
+
+
 def release(
     kube: KubernetesClient,
     service: Service,
@@ -205,23 +270,27 @@ def release(
     tag: str,
     digest: str,
     *,
+    namespace: str,
+    registry: Registry,
     render: Callable[..., list[dict[str, Any]]] = render_chart,
     wait_timeout: float = 600.0,
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> ReleaseResult:
-    """Apply the chart with ``tag`` for ``service`` and wait for its rollout; roll back when it fails.
+    """Apply the chart for ``service`` with its image pinned by ``digest`` into ``namespace``; wait for the rollout.
 
-    Raises :class:`ReleaseFailed` (after the rollback) when the rollout does
-    not become available within ``wait_timeout`` seconds.
+    ``kube`` is the environment's cluster, ``registry`` the environment's ECR
+    registry. Raises :class:`OutsideEnvironment` before applying anything when
+    an object would land outside ``namespace``, and :class:`ReleaseFailed`
+    (after the rollback) when the rollout does not become available within
+    ``wait_timeout`` seconds.
     """
     _check_environment(service, environment)
     check_tag(service, tag)
-    component = chart_component(service)
-    # image.tag is the chart's fallback for the other component, whose objects are dropped below.
-    values = {"image": {"tag": tag}, component: {"image": {"tag": tag}}}
+    values = release_values(service, tag, digest, namespace, registry)
     objects = service_objects(render(environment, values, chart_dir=service.chart), service)
+    check_blast_radius(objects, environment, namespace,
+                       lambda obj: kube.kind(obj["apiVersion"], obj["kind"]).namespaced)
     deployment = _the_deployment(objects, service)
-    namespace = deployment["metadata"]["namespace"]
     previous = previous_revision(kube, service.name, namespace)
 
     result = ReleaseResult(
@@ -372,3 +441,85 @@ def _check_environment(service: Service, environment: str) -> None:
             f"environment {environment!r} is not one of {service.environments} of {service.name} "
             "(images.services in infra/platform.yaml)"
         )
+
+
+@dataclass(frozen=True)
+class ProvenRelease:
+    """A release whose own run passed `rollout_available`: the evaluation's record id, its tag and digest."""
+
+    record: int
+    tag: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Where promoting one service into a gated environment stands.
+
+    ``seen`` is the newest proven release of the gate environment already
+    taken into account; ``pending`` the proven release waiting for its digest
+    to reach the gated environment's repository.
+    """
+
+    seen: int = 0
+    pending: ProvenRelease | None = None
+
+
+def next_promotion(state: Promotion | None, newest: ProvenRelease | None) -> Promotion:
+    """The state after looking at the gate's newest proven release.
+
+    Without a state (a first tick), the releases proven so far are only
+    learned: turning the sensor on promotes nothing that was proven before.
+    A newer proven release replaces the pending one: prod follows staging's
+    newest proven digest, not every one in between.
+    """
+    if state is None:
+        return Promotion(seen=newest.record if newest else 0)
+    if newest is None or newest.record <= state.seen:
+        return state
+    return Promotion(seen=newest.record, pending=newest)
+
+
+def image_of_digest(registry: EcrRegistry, repository: str, digest: str) -> ImageInfo | None:
+    """The image ``digest`` in ``repository``, None while it has not been pushed there."""
+    try:
+        images = registry.describe_images(repository, [digest])
+    except EcrImageNotFound:
+        return None
+    return next((image for image in images if image.digest == digest), None)
+
+
+def promotion_tag(image: ImageInfo, service: Service, proven_tag: str) -> str | None:
+    """The tag to release ``image`` with: the proven release's tag when the image carries it, else its pinned tag."""
+    if proven_tag in image.tags:
+        return proven_tag
+    pinned = sorted(t for t in image.tags if t not in MOVING_TAGS and re.fullmatch(service.tag_pattern, t))
+    return pinned[0] if pinned else None
+
+
+def dump_promotions(state: Mapping[str, Promotion]) -> str:
+    """The promotion sensor's cursor: ``{"<service>/<env>": [seen, pending record, tag, digest]}`` (compact JSON)."""
+    body = {
+        key: [entry.seen] + ([entry.pending.record, entry.pending.tag, entry.pending.digest] if entry.pending else [])
+        for key, entry in sorted(state.items())
+    }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def load_promotions(raw: str | None) -> dict[str, Promotion]:
+    """The cursor written by :func:`dump_promotions`; None or "" is a first tick."""
+    if not raw:
+        return {}
+    try:
+        state = {}
+        for key, entry in json.loads(raw).items():
+            if len(entry) not in (1, 4):
+                raise ValueError(f"entry of {key!r} has {len(entry)} fields")
+            pending = ProvenRelease(int(entry[1]), str(entry[2]), str(entry[3])) if len(entry) == 4 else None
+            state[str(key)] = Promotion(int(entry[0]), pending)
+        return state
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"promotion sensor cursor is unreadable ({exc}): {raw[:80]!r}; reset the sensor's cursor "
+            "(what staging proved until then is learned, not promoted)"
+        ) from None

@@ -150,6 +150,10 @@ class Connection(_Model):
     endpoints: list[str] | None = None
     namespace: str | None = None
     data_dir: str | None = None
+    # TLS client material (PEM files), for servers that authenticate clients by certificate (etcd over https).
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 class Retention(_Model):
@@ -168,6 +172,9 @@ class RestoreTest(_Model):
     schedule: Cron = "0 4 * * 0"
     target: Connection
     rename_prefix: str | None = None
+    # Elasticsearch / Milvus only: restore into the source cluster itself, under rename_prefix, after a live
+    # preflight of its room. Unset, a target that is the source is refused.
+    into_source: bool = False
     verify_sql: list[str] = []
     verify_keys: list[str] = []
 
@@ -207,6 +214,10 @@ class MilvusOptions(_Model):
     server_url: str  # Milvus itself (REST v2), to count and drop restored collections
     token_env: EnvVarName | None = None
     collections: list[str] = []  # empty: every collection
+    # Milvus of the restore-test target (the Milvus restore_test.target.url's milvus-backup writes to), to count
+    # and drop restored collections; its token from restore_test.target.password_env. Unset: server_url, which
+    # only restore_test.into_source allows.
+    restore_server_url: str | None = None
 
 
 class VeleroOptions(_Model):
@@ -253,11 +264,13 @@ class Datastore(_Model):
         for field_name in ENGINE_CONNECTION_FIELDS[self.engine]:
             if getattr(self.connection, field_name) is None:
                 raise ValueError(f"connection.{field_name} is required for engine {self.engine}")
-        if self.restore_test is not None and _same_target(self.connection, self.restore_test):
-            raise ValueError(
-                "restore_test.target is the backup source itself; a restore must never "
-                "write to its source (use a scratch host, port, database or data_dir)"
-            )
+        # What the engine's driver needs of these settings, the restore target apart from its source
+        # included (one rule with the drivers'). Imported here: the preflight imports this module.
+        from ops_platform.backups.preflight import preflight_static
+
+        problems = preflight_static(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -352,7 +365,9 @@ class Environment(_Model):
         """The cluster as people name it: the context, ``in-cluster``, or the ``kubernetes`` resource's."""
         if self.kube_context is not None:
             return f"kube context {self.kube_context!r}"
-        return "the pod's own cluster (in_cluster)" if self.in_cluster else "the cluster of KUBECONFIG / OPS_KUBE_CONTEXT"
+        if self.in_cluster:
+            return "the pod's own cluster (in_cluster)"
+        return "the cluster of KUBECONFIG / OPS_KUBE_CONTEXT"
 
     def _cluster_identity(self) -> str:
         # Unset and in-cluster are the same cluster when running in a pod without KUBECONFIG.
@@ -531,9 +546,10 @@ def _require_apart(environments: Mapping[str, Environment]) -> None:
     for (_, namespace), names in by_place.items():
         if len(names) > 1:
             where = environments[names[0]].cluster
+            who = f"{', '.join(names[:-1])} and {names[-1]} " + ("both" if len(names) == 2 else "all")
             raise ValueError(
-                f"{' and '.join(names)} both live in namespace {namespace!r} of {where}: a release of one would "
-                "overwrite the other's objects (give each its own kube_context or namespace)"
+                f"{who} live in namespace {namespace!r} of {where}: a release of one would "
+                "overwrite the others' objects (give each its own kube_context or namespace)"
             )
 
 
@@ -607,21 +623,6 @@ def _schedules_hold_rpo(spec: Spec) -> None:
             )
     if problems:
         raise ValueError("\n".join(problems))
-
-
-def _same_target(source: Connection, restore_test: RestoreTest) -> bool:
-    """Whether a restore into the test target would write to the source."""
-    target = restore_test.target
-    if source.data_dir and target.data_dir:
-        if Path(source.data_dir).resolve() == Path(target.data_dir).resolve():
-            return True
-    if source.host and (source.host.lower(), source.port) == ((target.host or "").lower(), target.port):
-        return source.database == target.database
-    if source.url and source.url.rstrip("/") == (target.url or "").rstrip("/"):
-        return source.database == target.database and not restore_test.rename_prefix
-    if source.namespace and not source.host and not source.url:
-        return source.namespace == target.namespace
-    return False
 
 
 def _format_location(loc: tuple[object, ...], raw: object) -> str:

@@ -233,3 +233,19 @@ def test_every_check_is_declared_on_its_asset_and_yielded_by_its_run():
     assert {"artifact_checksum", "data_verified", "rto_within_objective", "rpo_within_objective",
             "rollout_available", "drift", "expiry", "no_open_error_findings"} <= declared
     assert all(graph.get(key).is_executable for key in graph.get_all_asset_keys())
+
+
+def test_every_operation_on_one_target_shares_one_pool(asset_graph):
+    """One operation per target at a time: the op-level pools (default limit 1) are per target."""
+    from ops_platform.assets.keys import datastore_pool, release_pool
+
+    defs = build_definitions(SPEC, "local")
+    pools = {key: asset.op.pool for asset in defs.assets for key in asset.keys}
+    for store in SPEC.datastores:
+        assert pools[backup_key(store.name)] == datastore_pool(store.name)
+        if store.restore_test:
+            assert pools[restore_test_key(store.name)] == datastore_pool(store.name)
+    for service in SPEC.images.services:
+        for environment in service.environments:
+            assert pools[release_key(service.name, environment)] == release_pool(service.name, environment)
+    assert len({release_pool(s.name, e) for s in SPEC.images.services for e in s.environments}) == 6

@@ -18,7 +18,8 @@ from ops_platform.manifests import (
     render_chart,
     validate_manifest,
 )
-from ops_platform.spec import load_spec
+from ops_platform.releases import release_values
+from ops_platform.spec import REPO_ROOT, Spec, load_spec
 
 SPEC = load_spec()
 ENVIRONMENTS = ["dev", "staging", "prod"]
@@ -315,3 +316,60 @@ def test_the_app_at_its_hpa_maximum_fits_the_namespace_quota(rendered, layer_obj
             totals["pods"] += replicas * surge
         over = {key: (round(value, 2), hard[key]) for key, value in totals.items() if value > hard[key]}
         assert over == {}, environment
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_the_chart_renders_the_image_by_digest():
+    registry = SPEC.images.registry
+    objects = render_chart("prod", {"image": {"tag": TAG}, "backend": {"image": {"tag": TAG, "digest": DIGEST}}})
+    images = {name: containers(d)[0]["image"] for name, d in of_kind(objects, "Deployment").items()}
+    repository = f"{registry.account}.dkr.ecr.{registry.region}.amazonaws.com/onto-backend-prod"
+    assert images["onto-backend"] == f"{repository}@{DIGEST}"
+    assert images["onto-frontend"].endswith(f"/onto-frontend-prod:{TAG}"), "a digest pins one image only"
+    with pytest.raises(ChartRenderError, match=r'backend.image.digest "sha256:abc" is not an image digest'):
+        render_chart("prod", {"image": {"tag": TAG}, "backend": {"image": {"digest": "sha256:abc"}}})
+    with pytest.raises(ChartRenderError, match=r'frontend.image.digest "0123abc" is not an image digest'):
+        render_chart("prod", {"image": {"tag": TAG}, "frontend": {"image": {"digest": TAG}}})
+
+
+def release_objects(spec: Spec, environment: str) -> list[dict[str, Any]]:
+    """The backend's release of ``environment`` as rendered by a release: the environment's namespace, registry."""
+    backend = next(service for service in spec.images.services if service.name == "onto-backend")
+    located = spec.environment(environment)
+    values = release_values(backend, TAG, DIGEST, located.namespace, spec.registry_of(environment))
+    return render_chart(environment, values)
+
+
+def identities(spec: Spec, environment: str) -> set[tuple[str, ...]]:
+    """Where each object of a release lands: cluster, kind, namespace, name."""
+    cluster = spec.environment(environment).cluster
+    return {(cluster, obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+            for obj in release_objects(spec, environment)}
+
+
+def test_rendering_dev_and_prod_of_one_cluster_gives_different_namespaces():
+    sandbox = load_spec(REPO_ROOT / "infra" / "sandbox.yaml")
+    assert sandbox.environment("dev").cluster == sandbox.environment("prod").cluster
+    for environment in ENVIRONMENTS:
+        objects = release_objects(sandbox, environment)
+        expected = f"ontology-editor-{environment}"
+        assert {obj["metadata"].get("namespace") for obj in objects if obj["kind"] != "Namespace"} == {expected}
+        assert list(of_kind(objects, "Namespace")) == [expected]
+        backend = of_kind(objects, "Ingress")["onto-backend"]
+        assert backend["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-vhost"] == (
+            f"onto-backend.{expected}.svc.cluster.local")
+    assert not identities(sandbox, "dev") & identities(sandbox, "prod")
+    assert not identities(sandbox, "dev") & identities(sandbox, "staging")
+
+
+def test_the_platforms_environments_each_release_into_their_own_cluster():
+    contexts = {env: SPEC.environment(env).kube_context for env in ENVIRONMENTS}
+    assert len(set(contexts.values())) == 3 and all(contexts.values())
+    assert not identities(SPEC, "dev") & identities(SPEC, "prod")
+    assert not identities(SPEC, "staging") & identities(SPEC, "prod")
+    for environment in ENVIRONMENTS:
+        [deployment] = [d for d in of_kind(release_objects(SPEC, environment), "Deployment").values()
+                        if d["metadata"]["name"] == "onto-backend"]
+        assert containers(deployment)[0]["image"].endswith(f"/onto-backend-{environment}@{DIGEST}")

@@ -5,9 +5,11 @@ plays the Deployment controller from a thread, through the API as the real
 one does: for each new generation it creates (or, on a rollback, re-adopts)
 the ReplicaSet of the pod template with an owner reference, a
 ``pod-template-hash`` label and the revision annotation, sets the revision
-annotation on the Deployment, then writes the status. Images whose tag is in
-``deadline`` never become available and hit ProgressDeadlineExceeded; tags
-in ``stuck`` stay unavailable without a deadline condition.
+annotation on the Deployment, then writes the status. Images whose tag or
+digest (the reference after ``:`` or ``@``) is in ``deadline`` never become
+available and hit ProgressDeadlineExceeded; those in ``stuck`` stay
+unavailable without a deadline condition. One controller plays one namespace
+of one cluster.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 
-from ops_platform.manifests import CRD_SCHEMA_DIR
+from ops_platform.manifests import CRD_SCHEMA_DIR, render_chart
 from ops_platform.releases import (
     POD_TEMPLATE_HASH,
     REVISION_ANNOTATION,
@@ -32,21 +34,31 @@ from ops_platform.releases import (
     ImageNotFound,
     InvalidTag,
     NotPassedStaging,
+    OutsideEnvironment,
+    Promotion,
+    ProvenRelease,
     ReleaseError,
     ReleaseFailed,
     check_digest,
+    dump_promotions,
+    gate_of,
+    image_of_digest,
+    load_promotions,
+    next_promotion,
     passed_staging,
+    promotion_tag,
     release,
     require_passed_staging,
     resolve_image,
     rollout_state,
 )
-from ops_platform.resources.ecr import EcrRegistry, RepositoryNotFound
+from ops_platform.resources.ecr import EcrRegistry, ImageInfo, RepositoryNotFound
 from ops_platform.resources.kubernetes import KubernetesClient
 from ops_platform.spec import Service, load_spec
 from tests.fakes.kube_api import KubeApiServer
 
 SERVICES = {service.name: service for service in load_spec().images.services}
+REGISTRY = load_spec().registry_of("dev")
 FRONTEND, BACKEND = SERVICES["onto-frontend"], SERVICES["onto-backend"]
 NAMESPACE = "ontology-editor"
 GOOD, NEXT, BROKEN = "0123abc", "4567def", "89abcde"
@@ -54,8 +66,9 @@ AT = datetime(2025, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 
 class DeploymentController:
-    def __init__(self, kube_api: KubeApiServer, api_client: k8s_client.ApiClient) -> None:
+    def __init__(self, kube_api: KubeApiServer, api_client: k8s_client.ApiClient, namespace: str = NAMESPACE) -> None:
         self.kube_api = kube_api
+        self.namespace = namespace
         self.apps = k8s_client.AppsV1Api(api_client)
         self.api_client = api_client
         self.deadline: set[str] = set()
@@ -73,7 +86,7 @@ class DeploymentController:
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            for deployment in self._items(self.apps.list_namespaced_deployment(NAMESPACE)):
+            for deployment in self._items(self.apps.list_namespaced_deployment(self.namespace)):
                 if (deployment.get("status") or {}).get("observedGeneration") != deployment["metadata"]["generation"]:
                     self._reconcile(deployment)
 
@@ -85,7 +98,7 @@ class DeploymentController:
         template = deployment["spec"]["template"]
         template_hash = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
         owned = [
-            rs for rs in self._items(self.apps.list_namespaced_replica_set(NAMESPACE))
+            rs for rs in self._items(self.apps.list_namespaced_replica_set(self.namespace))
             if any(o["uid"] == meta["uid"] for o in rs["metadata"].get("ownerReferences") or [])
         ]
         revision = str(1 + max((int(rs["metadata"]["annotations"][REVISION_ANNOTATION]) for rs in owned), default=0))
@@ -95,7 +108,7 @@ class DeploymentController:
             "kind": "ReplicaSet",
             "metadata": {
                 "name": f"{meta['name']}-{template_hash}",
-                "namespace": NAMESPACE,
+                "namespace": self.namespace,
                 "labels": labels,
                 "annotations": {REVISION_ANNOTATION: revision},
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"],
@@ -108,15 +121,15 @@ class DeploymentController:
                 "template": {**template, "metadata": {**template["metadata"], "labels": labels}},
             },
         })
-        live = self.kube_api.get_object("apps/v1", "deployments", meta["name"], NAMESPACE)
+        live = self.kube_api.get_object("apps/v1", "deployments", meta["name"], self.namespace)
         assert live is not None
         live["metadata"].setdefault("annotations", {})[REVISION_ANNOTATION] = revision
         self.kube_api.put_object(live)
-        self.kube_api.set_status("apps/v1", "deployments", meta["name"], NAMESPACE,
+        self.kube_api.set_status("apps/v1", "deployments", meta["name"], self.namespace,
                                  self._status(deployment, f"{meta['name']}-{template_hash}"))
 
     def _status(self, deployment: dict[str, Any], replicaset: str) -> dict[str, Any]:
-        tag = deployment["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]
+        tag = image_reference(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
         generation = deployment["metadata"]["generation"]
         if tag in self.deadline or tag in self.stuck:
             progressing = (
@@ -170,25 +183,37 @@ def deployment(kube_api: KubeApiServer, name: str) -> dict[str, Any] | None:
     return kube_api.get_object("apps/v1", "deployments", name, NAMESPACE)
 
 
-def image_tag(obj: dict[str, Any] | None) -> str:
+def image_reference(image: str) -> str:
+    """The digest of ``repo@sha256:...``, or the tag of ``repo:tag``."""
+    return image.rsplit("@", 1)[1] if "@" in image else image.rsplit(":", 1)[1]
+
+
+def image_ref(obj: dict[str, Any] | None) -> str:
+    """What the Deployment runs: the digest it is pinned by (the tag when it is not)."""
     assert obj is not None
-    return obj["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]
+    return image_reference(obj["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def digest_of(tag: str) -> str:
+    """A digest for ``tag`` in the tests that need no ECR."""
+    return "sha256:" + hashlib.sha256(tag.encode()).hexdigest()
 
 
 def writes(kube_api: KubeApiServer) -> list[str]:
     return [f"{r.method} {r.path}" for r in kube_api.requests if r.method not in ("GET", "HEAD")]
 
 
-def run(kube: KubernetesClient, service: Service, tag: str, *, timeout: float = 5.0) -> Any:
-    return release(kube, service, "dev", tag, f"sha256:{tag}", wait_timeout=timeout, clock=lambda: AT)
+def run(kube: KubernetesClient, service: Service, tag: str, *, timeout: float = 5.0, **options: Any) -> Any:
+    return release(kube, service, "dev", tag, digest_of(tag), namespace=NAMESPACE, registry=REGISTRY,
+                   wait_timeout=timeout, clock=lambda: AT, **options)
 
 
 def test_release_creates_then_updates_the_service(kube: KubernetesClient, kube_api: KubeApiServer,
                                                    controller: DeploymentController) -> None:
     first = run(kube, FRONTEND, GOOD)
     assert first.revision == "1"
-    assert first.image == f"123456789012.dkr.ecr.ap-northeast-2.amazonaws.com/onto-frontend-dev:{GOOD}"
-    assert (first.digest, first.released_at) == (f"sha256:{GOOD}", AT)
+    assert first.image == f"123456789012.dkr.ecr.ap-northeast-2.amazonaws.com/onto-frontend-dev@{digest_of(GOOD)}"
+    assert (first.digest, first.released_at) == (digest_of(GOOD), AT)
     assert first.rollout == "1/1 replicas available"
     assert "Namespace ontology-editor" in first.created
     assert f"Deployment {NAMESPACE}/onto-frontend" in first.created
@@ -201,7 +226,7 @@ def test_release_creates_then_updates_the_service(kube: KubernetesClient, kube_a
     assert second.created == []
     assert second.changed == [f"Deployment {NAMESPACE}/onto-frontend"]
     assert f"Service {NAMESPACE}/onto-frontend" in second.unchanged
-    assert image_tag(deployment(kube_api, "onto-frontend")) == NEXT
+    assert image_ref(deployment(kube_api, "onto-frontend")) == digest_of(NEXT)
     applies = [r for r in kube_api.requests if r.content_type == "application/apply-patch+yaml"]
     assert applies and all(r.query.get("fieldManager") == "ops-platform" for r in applies)
 
@@ -215,7 +240,7 @@ def test_release_of_one_service_keeps_the_other_running(kube: KubernetesClient, 
     result = run(kube, BACKEND, NEXT)
 
     assert result.revision == "1"
-    assert image_tag(deployment(kube_api, "onto-backend")) == NEXT
+    assert image_ref(deployment(kube_api, "onto-backend")) == digest_of(NEXT)
     assert f"ExternalSecret {NAMESPACE}/onto-backend" in result.created
     assert deployment(kube_api, "onto-frontend") == frontend_before
     assert "Namespace ontology-editor" in result.unchanged
@@ -225,7 +250,7 @@ def test_rollout_past_its_deadline_rolls_back_to_the_previous_replicaset(
     kube: KubernetesClient, kube_api: KubeApiServer, controller: DeploymentController
 ) -> None:
     run(kube, FRONTEND, GOOD)
-    controller.deadline.add(BROKEN)
+    controller.deadline.add(digest_of(BROKEN))
 
     with pytest.raises(ReleaseFailed) as failure:
         run(kube, FRONTEND, BROKEN)
@@ -238,7 +263,7 @@ def test_rollout_past_its_deadline_rolls_back_to_the_previous_replicaset(
     assert rollback.replicaset is not None and rollback.replicaset.startswith("onto-frontend-")
     assert f"rolled back to revision 1 (ReplicaSet {rollback.replicaset})" in message
     live = deployment(kube_api, "onto-frontend")
-    assert image_tag(live) == GOOD
+    assert image_ref(live) == digest_of(GOOD)
     assert POD_TEMPLATE_HASH not in live["spec"]["template"]["metadata"]["labels"]
     previous = kube_api.get_object("apps/v1", "replicasets", rollback.replicaset, NAMESPACE)
     assert previous is not None
@@ -251,7 +276,7 @@ def test_rollout_that_stays_unavailable_times_out_and_rolls_back(
     kube: KubernetesClient, kube_api: KubeApiServer, controller: DeploymentController
 ) -> None:
     run(kube, FRONTEND, GOOD)
-    controller.stuck.add(BROKEN)
+    controller.stuck.add(digest_of(BROKEN))
 
     with pytest.raises(ReleaseFailed) as failure:
         run(kube, FRONTEND, BROKEN, timeout=1)
@@ -260,13 +285,13 @@ def test_rollout_that_stays_unavailable_times_out_and_rolls_back(
     assert "1 unavailable" in failure.value.reason
     assert "is progressing" in failure.value.reason, "the last condition's message is reported"
     assert failure.value.rollback is not None and failure.value.rollback.revision == "1"
-    assert image_tag(deployment(kube_api, "onto-frontend")) == GOOD
+    assert image_ref(deployment(kube_api, "onto-frontend")) == digest_of(GOOD)
 
 
 def test_first_release_that_fails_has_nothing_to_roll_back(
     kube: KubernetesClient, kube_api: KubeApiServer, controller: DeploymentController
 ) -> None:
-    controller.deadline.add(BROKEN)
+    controller.deadline.add(digest_of(BROKEN))
     with pytest.raises(ReleaseFailed) as failure:
         run(kube, FRONTEND, BROKEN)
     assert failure.value.rollback is None
@@ -286,7 +311,7 @@ def test_release_refuses_unpinned_tags_before_applying_anything(
 def test_release_refuses_an_environment_the_service_does_not_have(kube: KubernetesClient,
                                                                    kube_api: KubeApiServer) -> None:
     with pytest.raises(ReleaseError, match="environment 'qa'"):
-        release(kube, FRONTEND, "qa", GOOD, "sha256:x", wait_timeout=1)
+        release(kube, FRONTEND, "qa", GOOD, digest_of(GOOD), namespace=NAMESPACE, registry=REGISTRY, wait_timeout=1)
     assert writes(kube_api) == []
 
 
@@ -354,3 +379,109 @@ def test_stale_status_is_not_a_finished_rollout() -> None:
     assert rollout_state(stale)[0] == "progressing"
     assert rollout_state(fresh) == ("complete", "2/2 replicas available")
     assert rollout_state(short) == ("progressing", "2/3 replicas updated, 2/3 available, 1 unavailable")
+
+
+def test_releases_of_two_environments_in_one_cluster_stay_in_their_namespaces(
+    kube: KubernetesClient, kube_api: KubeApiServer, kube_api_client: k8s_client.ApiClient
+) -> None:
+    namespaces = {"dev": "ontology-editor-dev", "prod": "ontology-editor-prod"}
+    with DeploymentController(kube_api, kube_api_client, namespaces["dev"]), \
+            DeploymentController(kube_api, kube_api_client, namespaces["prod"]):
+        release(kube, FRONTEND, "prod", GOOD, digest_of(GOOD), namespace=namespaces["prod"], registry=REGISTRY,
+                wait_timeout=5)
+        prod_before = kube_api.get_object("apps/v1", "deployments", "onto-frontend", namespaces["prod"])
+
+        result = release(kube, FRONTEND, "dev", NEXT, digest_of(NEXT), namespace=namespaces["dev"],
+                         registry=REGISTRY, wait_timeout=5)
+
+    assert f"Deployment {namespaces['dev']}/onto-frontend" in result.created
+    assert all(namespaces["prod"] not in ref for ref in result.created + result.changed + result.unchanged)
+    dev = kube_api.get_object("apps/v1", "deployments", "onto-frontend", namespaces["dev"])
+    assert image_ref(dev) == digest_of(NEXT)
+    prod = kube_api.get_object("apps/v1", "deployments", "onto-frontend", namespaces["prod"])
+    assert prod == prod_before and image_ref(prod) == digest_of(GOOD), "the dev release changed prod"
+    assert kube_api.get_object("apps/v1", "deployments", "onto-frontend", NAMESPACE) is None
+    assert kube_api.get_object("v1", "namespaces", namespaces["dev"])["metadata"]["labels"]["env"] == "dev"
+
+
+def stray(kind: str, namespace: str | None, api_version: str = "v1") -> dict[str, Any]:
+    metadata = {"name": "onto-frontend-extra", "labels": {"app.kubernetes.io/name": "onto-frontend"}}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"apiVersion": api_version, "kind": kind, "metadata": metadata}
+
+
+@pytest.mark.parametrize("extra, shown", [
+    (stray("ConfigMap", "ontology-editor-prod"), "ConfigMap ontology-editor-prod/onto-frontend-extra "
+                                                 "(ontology-editor-prod)"),
+    (stray("ConfigMap", None), "ConfigMap onto-frontend-extra (no namespace: the client's default)"),
+    (stray("ClusterRole", NAMESPACE, "rbac.authorization.k8s.io/v1"),
+     f"ClusterRole {NAMESPACE}/onto-frontend-extra (cluster-wide)"),
+    (stray("Namespace", None), "Namespace onto-frontend-extra (another namespace)"),
+])
+def test_an_object_rendered_outside_the_environments_namespace_is_refused_before_anything_is_applied(
+    kube: KubernetesClient, kube_api: KubeApiServer, extra: dict[str, Any], shown: str
+) -> None:
+    def render_with_extra(environment: str, values: dict[str, Any], chart_dir: str) -> list[dict[str, Any]]:
+        return [*render_chart(environment, values, chart_dir=chart_dir), extra]
+
+    with pytest.raises(OutsideEnvironment) as refused:
+        run(kube, FRONTEND, GOOD, render=render_with_extra)
+
+    message = str(refused.value)
+    assert message.startswith(f"refused: the chart renders 1 object(s) outside namespace '{NAMESPACE}' of dev: ")
+    assert shown in message and message.endswith("nothing applied")
+    assert writes(kube_api) == []
+
+
+def test_a_chart_that_ignores_the_environments_namespace_is_refused(kube: KubernetesClient,
+                                                                    kube_api: KubeApiServer) -> None:
+    def render_ignoring_namespace(environment: str, values: dict[str, Any], chart_dir: str) -> list[dict[str, Any]]:
+        return render_chart(environment, {**values, "namespace": {"name": NAMESPACE}}, chart_dir=chart_dir)
+
+    with pytest.raises(OutsideEnvironment, match=r"outside namespace 'ontology-editor-dev' of dev: "
+                                                 r"Namespace ontology-editor \(another namespace\); "
+                                                 r"NetworkPolicy ontology-editor/default-deny"):
+        release(kube, FRONTEND, "dev", GOOD, digest_of(GOOD), namespace="ontology-editor-dev", registry=REGISTRY,
+                render=render_ignoring_namespace, wait_timeout=1)
+    assert writes(kube_api) == []
+
+
+def test_only_prod_with_a_staging_release_is_gated() -> None:
+    assert [gate_of(BACKEND, env) for env in ("dev", "staging", "prod")] == [None, None, "staging"]
+    assert gate_of(Service(name="onto-backend", environments=["dev", "prod"]), "prod") is None
+
+
+def test_promotion_learns_first_then_follows_the_newest_proven_release() -> None:
+    first, second, third = (ProvenRelease(n, tag, digest_of(tag)) for n, tag in ((3, GOOD), (7, NEXT), (9, BROKEN)))
+    learned = next_promotion(None, first)
+    assert learned == Promotion(seen=3), "what staging proved before the sensor ran is not promoted"
+    assert next_promotion(None, None) == Promotion(seen=0)
+    assert next_promotion(learned, first) == learned
+    waiting = next_promotion(learned, second)
+    assert waiting == Promotion(seen=7, pending=second)
+    assert next_promotion(waiting, second) == waiting, "a digest waits until its image reaches prod"
+    assert next_promotion(waiting, third) == Promotion(seen=9, pending=third), "the newest proven one replaces it"
+    assert next_promotion(waiting, None) == waiting
+
+    state = {"onto-backend/prod": waiting, "onto-frontend/prod": learned}
+    assert load_promotions(dump_promotions(state)) == state
+    assert load_promotions(None) == {} and load_promotions("") == {}
+    with pytest.raises(ValueError, match="promotion sensor cursor is unreadable .* reset the sensor's cursor"):
+        load_promotions('{"onto-backend/prod": [1, 2]}')
+
+
+def test_promotion_finds_the_digest_in_the_prod_repository_and_its_tag(ecr: Any) -> None:
+    ecr.create_repository(repositoryName="onto-backend-prod")
+    registry = EcrRegistry(ecr)
+    assert image_of_digest(registry, "onto-backend-prod", "sha256:" + "1" * 64) is None
+    digest = push_image(ecr, "onto-backend-prod", GOOD)
+    image = image_of_digest(registry, "onto-backend-prod", digest)
+    assert image is not None and image.tags == (GOOD,)
+    with pytest.raises(RepositoryNotFound):
+        image_of_digest(registry, "onto-backend-qa", digest)
+
+    pushed = datetime(2025, 5, 1, tzinfo=timezone.utc)
+    assert promotion_tag(image, BACKEND, GOOD) == GOOD
+    assert promotion_tag(ImageInfo("r", digest, ("latest", NEXT), pushed, None), BACKEND, GOOD) == NEXT
+    assert promotion_tag(ImageInfo("r", digest, ("latest",), pushed, None), BACKEND, GOOD) is None

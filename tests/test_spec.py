@@ -263,3 +263,78 @@ def test_alert_severity_per_group_defaults_to_critical_for_backups():
     assert spec.alerting.severity_of("backups") == "critical"
     assert spec.alerting.severity_of("restore_tests") == "critical"
     assert spec.alerting.severity_of("apps") == "warning"
+
+
+def test_each_environment_says_where_it_lives():
+    spec = load_spec(DEFAULT_SPEC_PATH)
+    places = {env: (spec.environment(env).kube_context, spec.environment(env).namespace)
+              for env in spec.platform.environments}
+    assert places == {env: (f"arn:aws:eks:ap-northeast-2:123456789012:cluster/onto-{env}", "ontology-editor")
+                      for env in ("dev", "staging", "prod")}
+    assert spec.registry_of("prod") == spec.images.registry
+    sandbox = load_spec(DEFAULT_SPEC_PATH.parent / "sandbox.yaml")
+    assert {env: sandbox.environment(env).namespace for env in sandbox.platform.environments} == {
+        env: f"ontology-editor-{env}" for env in ("dev", "staging", "prod")}
+    assert {sandbox.environment(env).cluster for env in sandbox.platform.environments} == {
+        "the cluster of KUBECONFIG / OPS_KUBE_CONTEXT"}
+
+
+def test_an_environment_may_live_in_its_own_aws_account_and_region(tmp_path):
+    raw = copy.deepcopy(BASE)
+    raw["environments"]["prod"].update(aws_account="210987654321", aws_region="us-east-1")
+    spec = load_spec(write_spec(tmp_path, raw))
+    assert (spec.registry_of("prod").account, spec.registry_of("prod").region) == ("210987654321", "us-east-1")
+    assert spec.registry_of("staging") == spec.images.registry
+
+
+def test_two_environments_in_one_namespace_of_one_cluster_are_refused(tmp_path):
+    def share(raw):
+        raw["environments"]["prod"]["kube_context"] = raw["environments"]["dev"]["kube_context"]
+
+    error = load_broken(tmp_path, share)
+    assert error.problems == [
+        "environments: dev and prod both live in namespace 'ontology-editor' of kube context "
+        "'arn:aws:eks:ap-northeast-2:123456789012:cluster/onto-dev': a release of one would overwrite the others' "
+        "objects (give each its own kube_context or namespace)"
+    ]
+
+
+def test_without_environments_several_environments_would_share_one_place(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw.pop("environments"))
+    assert error.problems == [
+        "environments: not set, so dev, staging and prod all live in namespace 'ontology-editor' of the cluster of "
+        "KUBECONFIG / OPS_KUBE_CONTEXT: a release of one would overwrite the others' objects (give each its own "
+        "kube_context or namespace)"
+    ]
+
+
+def test_environment_entries_name_platform_environments_and_cover_them(tmp_path):
+    def rename(raw):
+        raw["environments"]["qa"] = raw["environments"].pop("prod")
+
+    error = load_broken(tmp_path, rename)
+    assert error.problems == [
+        "environments.qa: not one of platform.environments (dev, staging, prod)",
+        "environments.prod: missing; say where prod lives (kube_context or in_cluster: true, and namespace)",
+    ]
+
+
+def test_an_environment_names_one_cluster_and_a_valid_namespace(tmp_path):
+    def broken(raw):
+        raw["environments"]["prod"]["in_cluster"] = True
+        raw["environments"]["dev"]["namespace"] = "Ontology_Editor"
+        raw["environments"]["staging"]["aws_account"] = "1234"
+
+    error = load_broken(tmp_path, broken)
+    assert any(p.startswith("environments.prod: kube_context and in_cluster: true name two clusters")
+               for p in error.problems)
+    assert any(p.startswith("environments.dev.namespace: String should match pattern") for p in error.problems)
+    assert any(p.startswith("environments.staging.aws_account: String should match pattern") for p in error.problems)
+
+
+def test_a_service_namespace_is_refused_for_the_environments(tmp_path):
+    error = load_broken(tmp_path, lambda raw: raw["images"]["services"][1].update(namespace="onto"))
+    assert error.problems == [
+        "images.services[1:onto-backend].namespace: the namespace is the environment's; "
+        "set environments.<env>.namespace instead"
+    ]

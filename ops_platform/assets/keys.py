@@ -46,6 +46,12 @@ def datastore_pool(datastore: str) -> str:
     return f"datastore-{datastore}"
 
 
+def release_pool(service: str, environment: str) -> str:
+    """The op-level pool of the releases of one service to one environment (default limit 1):
+    two releases of one target never roll the same Deployment at once, manual launches included."""
+    return f"release-{service}-{environment}"
+
+
 def connection_resource_key(datastore: str) -> str:
     """Resource key of a datastore's connection (PostgreSQL and Redis)."""
     return f"{datastore}_connection"

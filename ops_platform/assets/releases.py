@@ -1,30 +1,37 @@
 """`apps/<service>/<env>`: releases of each service to each environment.
 
-The image tag comes from run config (the image-tag sensor passes it). Every
-release declares a blocking `rollout_available` check that its own run yields
-after waiting for the rollout: passed with the image and its digest, failed
-with the reason when the release was refused or its rollout failed (then the
-run fails). Prod takes only a digest whose staging release passed that check,
-so in a run that releases staging and prod, prod waits for staging to be
-proven, and a staging rollout that failed never lets its digest through.
+The image tag comes from run config (the image-tag sensor passes it, for
+prod the promotion sensor). A release of environment X reaches only X: its
+cluster is the resource ``kubernetes_<X>``, its registry ``ecr_<X>``, and
+every object it applies lies in X's namespace (``environments.<X>`` of the
+spec); the image is pinned by the digest ECR resolved and the gate checked.
+
+Every release declares a blocking `rollout_available` check that its own run
+yields after waiting for the rollout: passed with the image and its digest,
+failed with the reason when the release was refused or its rollout failed
+(then the run fails). Prod takes only a digest whose staging release passed
+that check, so in a run that releases staging and prod, prod waits for
+staging to be proven, and a staging rollout that failed never lets its digest
+through.
 """
 
 import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ops_platform.assets.failures import failure, known_errors
-from ops_platform.assets.keys import APPS_GROUP, layer_key, release_key
+from ops_platform.assets.keys import APPS_GROUP, layer_key, release_key, release_pool
+from ops_platform.environment import ecr_key, kubernetes_key
 from ops_platform.metadata import table
 from ops_platform.releases import (
+    ProvenRelease,
     ReleaseFailed,
     ReleaseResult,
     check_digest,
+    gate_of,
     release,
     require_passed_staging,
     resolve_image,
 )
-from ops_platform.resources.ecr import EcrResource
-from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.spec import Service, Spec
 
 ROLLOUT_AVAILABLE = "rollout_available"
@@ -52,17 +59,21 @@ def build_release_checks(spec: Spec) -> list[dg.AssetChecksDefinition]:
     return []
 
 
-def staging_history(instance: dg.DagsterInstance, service: str) -> list[dict[str, str]]:
-    """Tags and digests of the staging releases of ``service`` whose run passed `rollout_available`, newest first.
+def proven_releases(
+    instance: dg.DagsterInstance, service: str, environment: str, limit: int = STAGING_HISTORY_LIMIT
+) -> list[tuple[ProvenRelease, float]]:
+    """The releases of ``service`` to ``environment`` whose own run passed `rollout_available`, newest first.
 
-    Only the newest :data:`STAGING_HISTORY_LIMIT` passed evaluations count.
+    Each with the evaluation's record id, tag and digest (from the check's
+    metadata) and when it was recorded; only the newest ``limit`` passed
+    evaluations are read.
     """
     records = instance.event_log_storage.get_asset_check_execution_history(
-        dg.AssetCheckKey(release_key(service, "staging"), ROLLOUT_AVAILABLE),
-        limit=STAGING_HISTORY_LIMIT,
+        dg.AssetCheckKey(release_key(service, environment), ROLLOUT_AVAILABLE),
+        limit=limit,
         status={AssetCheckExecutionRecordStatus.SUCCEEDED},
     )
-    history = []
+    proven = []
     for record in records:
         dagster_event = record.event.dagster_event if record.event else None
         evaluation = dagster_event.event_specific_data if dagster_event else None
@@ -70,9 +81,18 @@ def staging_history(instance: dg.DagsterInstance, service: str) -> list[dict[str
             continue
         metadata = evaluation.metadata
         if "image_digest" in metadata and "image_tag" in metadata:
-            history.append({"tag": str(metadata["image_tag"].value), "digest": str(metadata["image_digest"].value),
-                            "at": str(record.create_timestamp)})
-    return history
+            proven.append((ProvenRelease(record.id, str(metadata["image_tag"].value),
+                                         str(metadata["image_digest"].value)), record.create_timestamp))
+    return proven
+
+
+def staging_history(instance: dg.DagsterInstance, service: str) -> list[dict[str, str]]:
+    """Tags and digests of the staging releases of ``service`` whose run passed `rollout_available`, newest first.
+
+    Only the newest :data:`STAGING_HISTORY_LIMIT` passed evaluations count.
+    """
+    return [{"tag": proven.tag, "digest": proven.digest, "at": str(at)}
+            for proven, at in proven_releases(instance, service, "staging")]
 
 
 def release_metadata(result: ReleaseResult, tag: str) -> dict[str, object]:
@@ -93,8 +113,10 @@ def _release_asset(spec: Spec, service: Service, environment: str) -> dg.AssetsD
     assert spec.images is not None
     key = release_key(service.name, environment)
     repository = service.repository(environment)
-    registry = spec.images.registry
-    gated = environment == "prod" and "staging" in service.environments
+    registry = spec.registry_of(environment)
+    located = spec.environment(environment)
+    cluster_key, registry_key = kubernetes_key(environment), ecr_key(environment)
+    gated = gate_of(service, environment) is not None
     staging = release_key(service.name, "staging").to_user_string()
     deps = [layer_key(layer) for layer in service.requires]
     if gated:
@@ -106,7 +128,8 @@ def _release_asset(spec: Spec, service: Service, environment: str) -> dg.AssetsD
         group_name=APPS_GROUP,
         kinds={"kubernetes", "helm", "ecr"},
         owners=[service.owner or spec.platform.owner],
-        pool="kube_api",
+        pool=release_pool(service.name, environment),
+        required_resource_keys={cluster_key, registry_key},
         check_specs=[dg.AssetCheckSpec(
             ROLLOUT_AVAILABLE, asset=key, blocking=True,
             description="This run's rollout finished: the Deployment runs the released image and all its "
@@ -114,7 +137,8 @@ def _release_asset(spec: Spec, service: Service, environment: str) -> dg.AssetsD
         )],
         description=(
             f"Release of {service.name} to {environment}: image from ECR repository "
-            f"`{repository}`, chart `{service.chart}`, namespace `{service.namespace}`."
+            f"`{repository}` pinned by digest, chart `{service.chart}`, into namespace `{located.namespace}` "
+            f"of {located.cluster} (resource `{cluster_key}`)."
             + (f" Takes only an image digest whose `{staging}` release passed `{ROLLOUT_AVAILABLE}`."
                if gated else "")
         ),
@@ -122,27 +146,26 @@ def _release_asset(spec: Spec, service: Service, environment: str) -> dg.AssetsD
             "repository": f"{registry.account}.dkr.ecr.{registry.region}.amazonaws.com/{repository}",
             "tag_pattern": service.tag_pattern,
             "chart": dg.MetadataValue.path(service.chart),
+            "namespace": located.namespace,
+            "cluster": located.cluster,
         },
     )
-    def _release(
-        context: dg.AssetExecutionContext,
-        config: ReleaseConfig,
-        kubernetes: KubernetesResource,
-        ecr: EcrResource,
-    ):
+    def _release(context: dg.AssetExecutionContext, config: ReleaseConfig):
         prefix = f"release of {service.name}:{config.image_tag} to {environment}"
         evidence: dict[str, str] = {"image_tag": config.image_tag}
         try:
             with known_errors(prefix):
+                ecr = getattr(context.resources, registry_key)
                 image = resolve_image(ecr.get_registry(), service, environment, config.image_tag)
                 evidence["image_digest"] = image.digest
                 check_digest(image, config.image_tag, config.image_digest)
                 if gated:
                     require_passed_staging(staging_history(context.instance, service.name), image.digest,
                                            f"materialize {staging} with this tag first")
-                kube = kubernetes.get_client()
+                kube = getattr(context.resources, cluster_key).get_client()
                 try:
                     result = release(kube, service, environment, config.image_tag, image.digest,
+                                     namespace=located.namespace, registry=registry,
                                      wait_timeout=config.wait_timeout_seconds)
                 except ReleaseFailed as failed:
                     evidence["rollback"] = str(failed.rollback) if failed.rollback else "nothing to roll back"

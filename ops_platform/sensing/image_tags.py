@@ -34,6 +34,7 @@ import base64
 import hashlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -155,7 +156,7 @@ def _bucket(digest: str) -> int:
 
 
 def scan_image_tags(
-    registry: EcrRegistry,
+    registry: EcrRegistry | Mapping[str, EcrRegistry],
     services: Iterable[Service],
     environments_of: Callable[[Service], Iterable[str]],
     cursor: Mapping[str, RepositoryMark] | None,
@@ -168,14 +169,16 @@ def scan_image_tags(
 ) -> TagScan:
     """Release requests for the images pushed since ``cursor``, oldest first, and the new cursor.
 
-    ``environments_of(service)`` names the environments to watch (usually
-    ``service.environments``). A repository that is throttled, refused or
-    changing while read is logged and keeps its cursor entry; the others
-    proceed. Repositories not in ``cursor`` are learned (see the module doc).
+    ``registry`` holds every environment's repositories, or is a mapping of
+    each environment to its registry. ``environments_of(service)`` names the
+    environments to watch (usually ``service.environments``); the cursor
+    keeps the repositories watched, so one watched again later is learned
+    afresh. A repository that is throttled, refused or changing while read is
+    logged and keeps its cursor entry; the others proceed. Repositories not
+    in ``cursor`` are learned (see the module doc).
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    scan = TagScan(cursor=dict(cursor or {}))
     settled_before = now - timedelta(seconds=settle_seconds)
     deadline = clock() + budget_seconds
     targets = [
@@ -183,13 +186,24 @@ def scan_image_tags(
         for service in services
         for environment in environments_of(service)
     ]
+    registries = {target.environment: _registry_of(registry, target.environment) for target in targets}
+    watched = {target.repository for target in targets}
+    scan = TagScan(cursor={repository: mark for repository, mark in (cursor or {}).items() if repository in watched})
     # Known repositories first: their new tags are what a tick is for; learning can wait a tick.
     targets.sort(key=lambda target: target.repository not in scan.cursor)
 
+    # A registry-wide failure (unreachable, no credentials) ends the tick: no read starts after it.
+    failed = threading.Event()
+
     def read(target: _Target) -> _Read:
-        if clock() > deadline:
+        if clock() > deadline or failed.is_set():
             return _Read(deferred=True)
-        return _read_repository(registry, target.repository, scan.cursor.get(target.repository), settled_before)
+        try:
+            return _read_repository(registries[target.environment], target.repository,
+                                    scan.cursor.get(target.repository), settled_before)
+        except BaseException:
+            failed.set()
+            raise
 
     if concurrency == 1 or len(targets) <= 1:
         reads = [read(target) for target in targets]
@@ -214,6 +228,14 @@ def scan_image_tags(
         )
     scan.requests.sort(key=lambda request: (request.pushed_at, request.repository, request.digest))
     return scan
+
+
+def _registry_of(registry: EcrRegistry | Mapping[str, EcrRegistry], environment: str) -> EcrRegistry:
+    if isinstance(registry, EcrRegistry):
+        return registry
+    if environment not in registry:
+        raise ValueError(f"no ECR registry given for environment {environment!r} (have: {', '.join(registry)})")
+    return registry[environment]
 
 
 def _add_requests(scan: TagScan, target: _Target, images: list[ImageInfo]) -> None:
