@@ -62,7 +62,7 @@ from ops_platform.backups.base import (
     Verification,
     iter_chunks,
 )
-from ops_platform.backups.restore_test import target_is_source
+from ops_platform.backups.restore_target import target_is_source
 from ops_platform.errors import OpsPlatformError
 from ops_platform.resources.kubernetes import Condition, KubernetesClient, WaitTimeout, status_condition
 from ops_platform.resources.object_store import ObjectStore, S3ObjectStore
@@ -256,7 +256,9 @@ class Neo4jBackupDriver:
                 f"restore_test.target.database {target!r} is not a scratch database name "
                 "(3-63 lowercase letters, digits, '.', '-'; not 'system')"
             )
-        reason = target_is_source(source, Connection(url=restore_test.target.url or source.url, database=target))
+        reason = target_is_source(source, RestoreTest(target=Connection(url=restore_test.target.url or source.url,
+                                                                       database=target)),
+                                  separation="database")
         if reason:
             raise RestoreRefused(f"neo4j restore refused before writing anything: {reason}")
         s3 = _s3_store(store, RestoreError)
@@ -378,7 +380,9 @@ class Neo4jBackupDriver:
                 "activeDeadlineSeconds": int(self.job_timeout),
                 "ttlSecondsAfterFinished": 86400,
                 "template": {
-                    "metadata": {"labels": labels},
+                    # In the mesh of `data` (STRICT mTLS), with the proxy as a native sidecar: it
+                    # starts before the init container and ends with the Job instead of holding it.
+                    "metadata": {"labels": labels, "annotations": {"sidecar.istio.io/nativeSidecar": "true"}},
                     "spec": {"restartPolicy": "Never", "serviceAccountName": self.service_account,
                              "initContainers": init, "containers": main, "volumes": volumes},
                 },
