@@ -3,7 +3,7 @@
 Everything runs here, on loopback: a PostgreSQL 15 started with
 ``start_postgres`` in a scratch directory (autovacuum off, see
 :func:`bench_servers`), holding ``pgbench -i`` databases, and an S3 bucket
-on a moto server started by this script. Three figures,
+on a moto server started by this script. Four figures,
 each beside its baseline measured in the same run:
 
 1. Backup throughput (MB/s of ``pg_database_size``, MB = 10^6 bytes):
@@ -20,11 +20,22 @@ each beside its baseline measured in the same run:
    <= 1.2 for both (streaming, not buffering).
 3. Restore test time: the whole ``run_restore_test`` call (sha256 read-back,
    ``pg_restore --list`` and full decode, restore into a scratch database on
-   the same server, row counts, one ``verify_sql`` query, drop) against
-   ``pg_restore --no-owner -d <fresh database> <dump file>`` of the same
-   dump, read from a local file (downloaded once from the store; a file is
-   as fast as a pipe here). A CHECKPOINT precedes every run. Runs
-   alternate; best, medians printed too. Goal: <= 1.2.
+   the same server, row counts, one ``verify_sql`` query, drop) of the last
+   backup of figure 1, verified and marked verified first as the backup
+   asset does, against ``pg_restore --no-owner -d <fresh database> <dump
+   file>`` of the same dump, read from a local file (downloaded once from
+   the store; a file is as fast as a pipe here). A CHECKPOINT precedes every
+   run. Runs alternate; best, medians printed too. Goal: <= 1.2.
+4. The restore test as an operator runs it: the wall time of ``dagster asset
+   materialize -m ops_platform.definitions --select restore_tests/bench``
+   (the venv's CLI in a subprocess; its own ``DAGSTER_HOME``; a spec that
+   extends infra/platform.yaml with this server as its only datastore;
+   ``OPS_ENV=local``, ``OPS_BACKUP_BUCKET`` on the same moto) against plain
+   ``pg_restore`` of the same dump, as in figure 3. The backup it restores
+   is taken with the CLI first (``--select backups/bench``: backup,
+   verification, marker, retention), which also creates the instance's
+   storage. Runs alternate; best, medians and where the CLI's time went
+   (from the run's event log) printed too. Goal: <= 1.5.
 
 ``--quick`` uses ~100 MiB (and ~10 MiB as the small RSS database) for a
 check in under a minute; the default (1 GiB) takes about three minutes on
@@ -50,7 +61,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +70,12 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/backup_postgres.py` f
     sys.path.insert(0, str(REPO_ROOT))
 
 import psycopg  # noqa: E402
+import yaml  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from ops_platform.backups.catalog import BackupCatalog  # noqa: E402
+from bench.dagster_cli import CliRun, DagsterCli, phases  # noqa: E402
+from ops_platform.backups.catalog import BackupCatalog, day_folder  # noqa: E402
+from ops_platform.backups.manifest import BackupManifest  # noqa: E402
 from ops_platform.backups.postgres_dump import ARTIFACT_NAME, PostgresDumpDriver, count_rows  # noqa: E402
 from ops_platform.backups.restore_test import RestoreTestResult, run_restore_test  # noqa: E402
 from ops_platform.local_servers.postgres import (  # noqa: E402
@@ -89,6 +103,7 @@ PGBENCH_BYTES_PER_SCALE = 15_700_000
 THROUGHPUT_GOAL = 0.8
 RSS_GOAL = 1.2
 RESTORE_GOAL = 1.2
+CLI_RESTORE_GOAL = 1.5
 
 
 def pgbench_scale(size_mib: float) -> int:
@@ -98,6 +113,11 @@ def pgbench_scale(size_mib: float) -> int:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+def today_folder() -> str:
+    """The day folder a backup started now is filed under (the asset uses the platform's timezone)."""
+    return day_folder(datetime.now(UTC), "UTC")
 
 
 @dataclass(frozen=True)
@@ -132,29 +152,31 @@ class Bench:
         return env
 
     def datastore(self, database: str, name: str = DATASTORE) -> Datastore:
-        return Datastore.model_validate(
-            {
-                "name": name,
-                "engine": "postgresql",
-                "method": "pg_dump",
-                "connection": {
+        return Datastore.model_validate(self.datastore_fields(database, name))
+
+    def datastore_fields(self, database: str, name: str = DATASTORE) -> dict[str, Any]:
+        """The datastore as a spec file says it (``schedule`` and ``retention`` left to their defaults)."""
+        return {
+            "name": name,
+            "engine": "postgresql",
+            "method": "pg_dump",
+            "connection": {
+                "host": self.server.host,
+                "port": self.server.port,
+                "database": database,
+                "user": self.server.user,
+                "password_env": PASSWORD_ENV,
+            },
+            "restore_test": {
+                "target": {
                     "host": self.server.host,
                     "port": self.server.port,
-                    "database": database,
+                    "database": RESTORE_DATABASE,
                     "user": self.server.user,
-                    "password_env": PASSWORD_ENV,
                 },
-                "restore_test": {
-                    "target": {
-                        "host": self.server.host,
-                        "port": self.server.port,
-                        "database": RESTORE_DATABASE,
-                        "user": self.server.user,
-                    },
-                    "verify_sql": VERIFY_SQL,
-                },
-            }
-        )
+                "verify_sql": VERIFY_SQL,
+            },
+        }
 
     def create_pgbench_database(self, name: str, scale: int) -> BenchDatabase:
         with self.server.connect_superuser() as conn:
@@ -343,13 +365,13 @@ def measure_throughput(bench: Bench, database: BenchDatabase, runs: int) -> tupl
     catalog = BackupCatalog(bench.store, DATASTORE)
     driver = PostgresDumpDriver()
     spec = bench.datastore(database.name)
-    partition = date.today().isoformat()
+    folder = today_folder()
     dump_sizes: list[int] = []
 
     def our_backup() -> float:
         bench.discard_backups(DATASTORE)  # keep moto small; the last backup stays for the restore test
         seconds, manifest = timed(
-            lambda: catalog.run_backup(driver, spec, partition, password=bench.server.password)
+            lambda: catalog.run_backup(driver, spec, folder, password=bench.server.password)
         )
         dump_sizes.append(manifest.artifact_list()[0].size)
         return seconds
@@ -456,7 +478,7 @@ def rss_probe(request: str) -> None:
     watcher = ToolPeakRss("pg_dump")
     watcher.start()
     started = time.perf_counter()
-    manifest = catalog.run_backup(driver, spec, params["partition"], password=os.environ[PASSWORD_ENV])
+    manifest = catalog.run_backup(driver, spec, params["folder"], password=os.environ[PASSWORD_ENV])
     seconds = time.perf_counter() - started
     watcher.stop()
     print(
@@ -479,7 +501,7 @@ def backup_in_child(bench: Bench, database: BenchDatabase) -> dict[str, Any]:
     name = f"rss_{database.name}"
     request = {
         "datastore": bench.datastore(database.name, name=name).model_dump(mode="json"),
-        "partition": date.today().isoformat(),
+        "folder": today_folder(),
     }
     result = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), RSS_PROBE, json.dumps(request)],
@@ -534,9 +556,42 @@ def measure_rss(bench: Bench, small: BenchDatabase, large: BenchDatabase) -> lis
     return rows
 
 
-def download(bench: Bench, key: str, path: Path) -> None:
-    with bench.store.get(key) as stream, open(path, "wb") as out:
+def download_dump(bench: Bench, manifest: BackupManifest, path: Path) -> None:
+    artifact = next(a for a in manifest.artifact_list() if a.name == ARTIFACT_NAME)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with bench.store.get(artifact.key) as stream, open(path, "wb") as out:
         shutil.copyfileobj(stream, out, MiB)
+
+
+def verify_and_mark(catalog: BackupCatalog, driver: PostgresDumpDriver, manifest: BackupManifest) -> None:
+    """What the backup asset does before a backup counts: checksum, the tool's verification, the marker."""
+    problems = catalog.verify_artifacts(manifest)
+    verification = driver.verify(manifest, catalog.store)
+    problems += verification.problems
+    if problems:
+        raise RuntimeError(f"backup {manifest.backup_id} failed its verification: {'; '.join(problems)}")
+    catalog.mark_verified(manifest, verification.checked, datetime.now(UTC))
+
+
+def plain_pg_restore(bench: Bench, dump_file: Path) -> float:
+    """Seconds of ``pg_restore --no-owner -d <fresh database> <file>``; the database is dropped after."""
+    bench.recreate_database(BASELINE_RESTORE_DATABASE)
+    bench.checkpoint()
+    seconds, _ = timed(
+        lambda: subprocess.run(
+            [
+                str(bench.bin_dir / "pg_restore"),
+                "--no-owner",
+                f"--dbname={bench.conninfo(BASELINE_RESTORE_DATABASE)}",
+                str(dump_file),
+            ],
+            env=bench.tool_env(),
+            stdin=subprocess.DEVNULL,
+            check=True,
+        )
+    )
+    bench.drop_database(BASELINE_RESTORE_DATABASE)
+    return seconds
 
 
 def measure_restore(bench: Bench, database: BenchDatabase, runs: int) -> Row:
@@ -544,11 +599,12 @@ def measure_restore(bench: Bench, database: BenchDatabase, runs: int) -> Row:
     manifest = catalog.latest()
     assert manifest is not None, "the throughput runs leave the last backup in the store"
     assert manifest.restore["database"] == database.name
-    dump_file = bench.base / "baseline" / ARTIFACT_NAME
-    dump_file.parent.mkdir()
-    artifact = next(a for a in manifest.artifact_list() if a.name == ARTIFACT_NAME)
-    download(bench, artifact.key, dump_file)
     driver = PostgresDumpDriver(target_password=bench.server.password)
+    seconds, _ = timed(lambda: verify_and_mark(catalog, driver, manifest))
+    print(f"    verified backup {manifest.backup_id} (sha256 read-back, pg_restore --list and full decode) "
+          f"in {seconds:.2f} s and marked it verified, as the backup asset does")
+    dump_file = bench.base / "baseline" / ARTIFACT_NAME
+    download_dump(bench, manifest, dump_file)
     spec = bench.datastore(database.name)
     work_dir = bench.base / "restore-work"
     work_dir.mkdir()
@@ -562,26 +618,7 @@ def measure_restore(bench: Bench, database: BenchDatabase, runs: int) -> Row:
         results.append((seconds, result))
         return seconds
 
-    def pg_restore() -> float:
-        bench.recreate_database(BASELINE_RESTORE_DATABASE)
-        bench.checkpoint()
-        seconds, _ = timed(
-            lambda: subprocess.run(
-                [
-                    str(bench.bin_dir / "pg_restore"),
-                    "--no-owner",
-                    f"--dbname={bench.conninfo(BASELINE_RESTORE_DATABASE)}",
-                    str(dump_file),
-                ],
-                env=bench.tool_env(),
-                stdin=subprocess.DEVNULL,
-                check=True,
-            )
-        )
-        bench.drop_database(BASELINE_RESTORE_DATABASE)
-        return seconds
-
-    ours, baseline = alternate(our_restore_test, pg_restore, runs)
+    ours, baseline = alternate(our_restore_test, lambda: plain_pg_restore(bench, dump_file), runs)
     our_best, base_best = min(ours), min(baseline)
     ratio = our_best / base_best
     print(
@@ -608,6 +645,76 @@ def measure_restore(bench: Bench, database: BenchDatabase, runs: int) -> Row:
     return Row(
         "restore test time", f"{our_best:.2f} s", f"{base_best:.2f} s", ratio, f"<= {RESTORE_GOAL}x",
         ratio <= RESTORE_GOAL,
+    )
+
+
+def write_cli_spec(bench: Bench, database: BenchDatabase) -> Path:
+    """The platform spec with this run's server as its only datastore (as infra/sandbox.yaml does)."""
+    path = bench.base / "cli" / "platform.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"extends": str(REPO_ROOT / "infra" / "platform.yaml"), "datastores": [bench.datastore_fields(database.name)]}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def measure_cli_restore(bench: Bench, database: BenchDatabase, runs: int) -> Row:
+    cli = DagsterCli(
+        bench.base / "cli",
+        write_cli_spec(bench, database),
+        {
+            "OPS_BACKUP_BUCKET": BUCKET,
+            PASSWORD_ENV: bench.server.password,
+            **{name: value for name, value in os.environ.items() if name.startswith("AWS_")},
+        },
+    )
+    backup_run = cli.materialize(f"backups/{DATASTORE}")
+    catalog = BackupCatalog(bench.store, DATASTORE)
+    manifest = catalog.latest_verified()
+    assert manifest is not None and manifest.started_at.timestamp() >= backup_run.started_at, \
+        "the CLI's backup is the newest verified one"
+    dump_file = bench.base / "cli-baseline" / ARTIFACT_NAME
+    download_dump(bench, manifest, dump_file)
+    select = f"restore_tests/{DATASTORE}"
+    cli_runs: list[CliRun] = []
+
+    def cli_restore_test() -> float:
+        bench.checkpoint()
+        run = cli.materialize(select)
+        cli_runs.append(run)
+        return run.seconds
+
+    ours, baseline = alternate(cli_restore_test, lambda: plain_pg_restore(bench, dump_file), runs)
+    our_best, base_best = min(ours), min(baseline)
+    ratio = our_best / base_best
+    print(
+        f"restore test from the CLI, {database.label}: dagster asset materialize --select {select} "
+        f"{our_best:6.2f} s   pg_restore --no-owner -d <fresh db> <file> {base_best:6.2f} s   ratio {ratio:.2f}x   "
+        f"goal <= {CLI_RESTORE_GOAL}x  {verdict(ratio <= CLI_RESTORE_GOAL)}"
+    )
+    print(
+        f"    best of {runs} alternating runs; seconds per run: CLI [{spread(ours)}]  pg_restore [{spread(baseline)}]; "
+        f"medians {statistics.median(ours):.2f} s vs {statistics.median(baseline):.2f} s = ratio "
+        f"{statistics.median(ours) / statistics.median(baseline):.2f}x"
+    )
+    backup_phases, *restore_phases = phases(cli, [backup_run, *cli_runs])
+    best = min(range(len(cli_runs)), key=lambda index: cli_runs[index].seconds)
+    where = restore_phases[best]
+    print(f"    where the best CLI run's {cli_runs[best].seconds:.2f} s went: {where.describe()}; checks passed "
+          f"{where.checks_passed}/{where.checks}")
+    print(
+        "    inside the step, the restore test's own clock (restore + counts + verify_sql / with the drop) per run: "
+        + ", ".join(f"{p.metadata.get('restore_seconds', 0.0):.2f} / {p.metadata.get('total_seconds', 0.0):.2f} s"
+                    for p in restore_phases)
+    )
+    print(
+        f"    the backup it restored (backup {manifest.backup_id}), taken first with "
+        f"`dagster asset materialize --select backups/{DATASTORE}` (backup, verification, marker, retention; "
+        f"the first run also creates the instance's SQLite storage): {backup_run.seconds:.2f} s; "
+        f"{backup_phases.describe()}"
+    )
+    return Row(
+        "restore test from the CLI", f"{our_best:.2f} s", f"{base_best:.2f} s", ratio, f"<= {CLI_RESTORE_GOAL}x",
+        ratio <= CLI_RESTORE_GOAL,
     )
 
 
@@ -665,6 +772,8 @@ def main() -> None:
         rows.extend(measure_rss(bench, small, large))
         print()
         rows.append(measure_restore(bench, large, restore_runs))
+        print()
+        rows.append(measure_cli_restore(bench, large, restore_runs))
         print_summary(rows)
     print(f"\nwhole run {time.perf_counter() - started:.0f} s, servers stopped and {bench.base} removed")
 
