@@ -1,4 +1,8 @@
-"""ElasticsearchSnapshotDriver against the fake Elasticsearch REST API (tests/fakes/elasticsearch.py)."""
+"""ElasticsearchSnapshotDriver against the fake Elasticsearch REST API (tests/fakes/elasticsearch.py).
+
+Restore tests go to a scratch cluster: a second fake sharing the source's
+snapshot bucket, as two clusters registering one repository do.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
@@ -21,6 +26,9 @@ PASSWORD = "es-secret"
 PREFIX = "restore-test-"
 
 
+SCRATCH_URL = "https://onto-restore-test-es-http.ops.svc.cluster.local:9200"
+
+
 @pytest.fixture
 def es() -> Iterator[ElasticsearchFake]:
     with ElasticsearchFake(password=PASSWORD) as fake:
@@ -29,16 +37,29 @@ def es() -> Iterator[ElasticsearchFake]:
         yield fake
 
 
-def spec(url: str, *, target_url: str | None = None, prefix: str | None = PREFIX) -> Datastore:
+@pytest.fixture
+def scratch(es: ElasticsearchFake) -> Iterator[ElasticsearchFake]:
+    """The restore-test cluster: empty, the source's repository bucket not registered yet."""
+    with ElasticsearchFake(password=PASSWORD, snapshots=es.snapshots) as fake:
+        yield fake
+
+
+def spec(url: str, *, target_url: str = SCRATCH_URL, prefix: str | None = PREFIX, into_source: bool = False
+         ) -> Datastore:
     return Datastore.model_validate({
         "name": "elasticsearch_logs",
         "engine": "elasticsearch",
         "method": "snapshot",
         "connection": {"url": url, "user": "ops_backup", "password_env": "ES_PASSWORD"},
         "elasticsearch": {"repository": "onto-snapshots", "indices": ["logs-*", "onto-*"]},
-        "restore_test": {"target": {"url": target_url or url}, "rename_prefix": prefix,
+        "restore_test": {"target": {"url": target_url}, "rename_prefix": prefix, "into_source": into_source,
                          "verify_keys": ["onto-concepts"]},
     })
+
+
+def into(url: str, *, into_source: bool = False, prefix: str | None = PREFIX) -> RestoreTest:
+    return RestoreTest(target={"url": url}, rename_prefix=prefix, into_source=into_source,
+                       verify_keys=["onto-concepts"])
 
 
 def driver(**overrides) -> ElasticsearchSnapshotDriver:
@@ -51,8 +72,40 @@ def store(tmp_path: Path) -> LocalObjectStore:
     return LocalObjectStore(tmp_path / "store")
 
 
-def test_backup_verify_restore_and_cleanup(es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path) -> None:
+def test_restore_into_the_source_cluster_without_the_opt_in_is_refused_before_any_write(
+    es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    with pytest.raises(ValidationError, match=r"restore_test.target.url .* is the source .*restore_test.into_source"):
+        spec(es.url, target_url=es.url)
     datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    writes_before = len(es.writes())
+    same_via_localhost = es.url.replace("127.0.0.1", "localhost")
+
+    with pytest.raises(RestoreRefused, match=r"refused before writing anything: restore_test.target.url .* is the "
+                                             r"source .*same resolved address.*restore_test.into_source: true"):
+        with driver().restore(manifest, store, into(same_via_localhost), tmp_path):
+            pass
+    assert len(es.writes()) == writes_before
+
+
+def test_a_target_that_answers_as_the_source_cluster_is_refused_before_any_write(
+    es: ElasticsearchFake, scratch: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(es.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    scratch.cluster_uuid = es.cluster_uuid  # another name and port for the source: a proxy, an alias
+
+    with pytest.raises(RestoreRefused, match=rf"it answers as the source cluster \(cluster_uuid {es.cluster_uuid}"):
+        with driver().restore(manifest, store, into(scratch.url), tmp_path):
+            pass
+    assert scratch.writes() == [] and scratch.repositories == {}
+
+
+def test_backup_verify_restore_into_a_scratch_cluster_and_cleanup(
+    es: ElasticsearchFake, scratch: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(es.url, target_url=scratch.url)
     catalog = BackupCatalog(store, datastore.name)
     manifest = catalog.run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
 
@@ -63,6 +116,7 @@ def test_backup_verify_restore_and_cleanup(es: ElasticsearchFake, store: LocalOb
     record = json.loads(store.get_bytes(manifest.artifacts[0].key))
     assert record["snapshot"]["state"] == "SUCCESS" and record["repository"] == "onto-snapshots"
     assert manifest.restore["snapshot"] == snapshot_name(manifest.backup_id)
+    assert manifest.restore["cluster_uuid"] == es.cluster_uuid
     assert manifest.source_version == "elasticsearch 8.15.0"
     assert PASSWORD not in manifest.to_json().decode()
     snapshot_puts = [r for r in es.requests if r.method == "PUT"]
@@ -72,18 +126,75 @@ def test_backup_verify_restore_and_cleanup(es: ElasticsearchFake, store: LocalOb
 
     assert driver().verify(manifest, store).ok
     es.indices["onto-concepts"] = 2500  # written after the snapshot: the restore shows the snapshot's data
+    source_writes = len(es.writes())
 
     with driver().restore(manifest, store, datastore.restore_test, tmp_path) as restored:
         assert restored.counts() == manifest.counts
-        assert es.indices[f"{PREFIX}onto-concepts"] == 2000
+        assert scratch.indices[f"{PREFIX}onto-concepts"] == 2000
         [query] = restored.run_queries(["onto-concepts"])
         assert query.ok and query.value == 2000
         assert not restored.run_queries(["never-backed-up"])[0].ok
-    restore_call = next(r for r in es.requests if r.path.endswith("/_restore"))
-    assert restore_call.body["rename_replacement"] == f"{PREFIX}$1"
-    assert restore_call.body["include_aliases"] is False and restore_call.body["include_global_state"] is False
+
+    assert len(es.writes()) == source_writes, "the source cluster is only read"
     assert not [name for name in es.indices if name.startswith(PREFIX)]
     assert es.indices["onto-concepts"] == 2500 and es.indices["other"] == 7
+    assert scratch.repositories["onto-snapshots"] == {
+        "type": "s3", "settings": {"bucket": "onto-snapshots", "base_path": "snapshots", "readonly": True}}
+    restore_call = next(r for r in scratch.requests if r.path.endswith("/_restore"))
+    assert restore_call.body["rename_replacement"] == f"{PREFIX}$1"
+    assert restore_call.body["include_aliases"] is False and restore_call.body["include_global_state"] is False
+    assert scratch.index_settings[f"{PREFIX}onto-concepts"] == {"index.number_of_replicas": 0}
+    assert not [name for name in scratch.indices if name.startswith(PREFIX)]
+
+    with driver().restore(manifest, store, datastore.restore_test, tmp_path) as again:  # registered: reused
+        assert again.counts() == manifest.counts
+    assert [r.method for r in scratch.requests if r.path == "/_snapshot/onto-snapshots"].count("PUT") == 1
+
+
+def test_a_scratch_cluster_with_the_repository_registered_writable_is_refused_before_any_write(
+    es: ElasticsearchFake, scratch: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(es.url, target_url=scratch.url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    scratch.add_repository("onto-snapshots")
+
+    with pytest.raises(RestoreRefused, match=r"'onto-snapshots' is registered there writable, and two clusters "
+                                             r"writing one repository corrupt it"):
+        with driver().restore(manifest, store, datastore.restore_test, tmp_path):
+            pass
+    assert scratch.writes() == [] and scratch.indices == {}
+
+    scratch.add_repository("onto-snapshots", bucket="another-bucket", readonly=True)
+    with pytest.raises(RestoreRefused, match=r"has bucket 'another-bucket', the backup's has 'onto-snapshots'"):
+        with driver().restore(manifest, store, datastore.restore_test, tmp_path):
+            pass
+    assert scratch.writes() == []
+
+
+def test_restore_into_the_source_cluster_with_the_opt_in_needs_room_below_the_flood_stage(
+    es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(es.url, target_url=es.url, into_source=True)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
+    snapshot_bytes = (1200 + 340 + 2000) * es.bytes_per_doc
+    # 95 % of 100 GiB may be used; 2 x the snapshot more than is used already leaves 1 byte short
+    es.nodes[0]["available"] = es.nodes[0]["total"] - (int(es.nodes[0]["total"] * 0.95) - 2 * snapshot_bytes + 1)
+    writes_before = len(es.writes())
+
+    with pytest.raises(RestoreRefused, match=rf"has {2 * snapshot_bytes - 1} bytes of room below its flood-stage "
+                                             rf"watermark \(95%\).*needs {2 * snapshot_bytes} "
+                                             rf"\({snapshot_bytes} bytes"):
+        with driver().restore(manifest, store, datastore.restore_test, tmp_path):
+            pass
+    assert len(es.writes()) == writes_before
+
+    es.cluster_settings["persistent"]["cluster.routing.allocation.disk.watermark.flood_stage"] = "2gb"
+    es.nodes[0]["available"] = 2 * 1024**3 + 2 * snapshot_bytes
+    with driver().restore(manifest, store, datastore.restore_test, tmp_path) as restored:
+        assert restored.counts() == manifest.counts
+        assert es.index_settings[f"{PREFIX}onto-concepts"] == {"index.number_of_replicas": 0}
+    assert not [name for name in es.indices if name.startswith(PREFIX)]
+    assert es.indices["onto-concepts"] == 2000
 
 
 @pytest.mark.parametrize("state", ["FAILED", "PARTIAL"])
@@ -148,21 +259,6 @@ def test_wrong_password_is_reported_without_the_password(es: ElasticsearchFake, 
     assert "wrong-one" not in str(caught.value) and PASSWORD not in str(caught.value)
 
 
-def test_restore_into_the_source_without_prefix_is_refused_before_any_write(
-    es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
-) -> None:
-    datastore = spec(es.url)
-    manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
-    writes_before = len(es.writes())
-    same_via_localhost = es.url.replace("127.0.0.1", "localhost")
-    unsafe = RestoreTest(target={"url": same_via_localhost})
-
-    with pytest.raises(RestoreRefused, match="is the source cluster and no restore_test.rename_prefix"):
-        with driver().restore(manifest, store, unsafe, tmp_path):
-            pass
-    assert len(es.writes()) == writes_before
-
-
 def test_restore_target_unreachable_names_the_spec_field(
     es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
 ) -> None:
@@ -170,23 +266,23 @@ def test_restore_target_unreachable_names_the_spec_field(
     manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
     down = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RestoreError, match=rf"{down}.*restore_test.target.url"):
-        with driver().restore(manifest, store, RestoreTest(target={"url": down}, rename_prefix=PREFIX), tmp_path):
+        with driver().restore(manifest, store, into(down), tmp_path):
             pass
 
 
 def test_cleanup_runs_when_the_check_fails_and_leftovers_are_replaced(
-    es: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
+    es: ElasticsearchFake, scratch: ElasticsearchFake, store: LocalObjectStore, tmp_path: Path
 ) -> None:
-    datastore = spec(es.url)
+    datastore = spec(es.url, target_url=scratch.url)
     manifest = BackupCatalog(store, datastore.name).run_backup(driver(), datastore, "2026-11-22", password=PASSWORD)
-    es.indices[f"{PREFIX}onto-concepts"] = 1  # left by an interrupted earlier restore test
+    scratch.indices.update({f"{PREFIX}onto-concepts": 1, "kept": 3})  # left by an interrupted restore test; not ours
 
     with pytest.raises(RuntimeError, match="verification blew up"):
         with driver().restore(manifest, store, datastore.restore_test, tmp_path) as restored:
             assert restored.counts()["docs:onto-concepts"] == 2000
             raise RuntimeError("verification blew up")
 
-    assert not [name for name in es.indices if name.startswith(PREFIX)]
+    assert sorted(scratch.indices) == ["kept"]
     assert sorted(es.indices) == ["logs-2026.11.21", "logs-2026.11.22", "onto-concepts", "other"]
 
 

@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import subprocess
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import ValidationError
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
+from ops_platform.backups.drivers import DriverServices, build_driver
 from ops_platform.backups.etcd_snapshot import EtcdSnapshotDriver, prefix_end
+from ops_platform.backups.preflight import preflight_live
 from ops_platform.local_servers.etcd import EtcdServer
-from ops_platform.local_servers.process import find_binary, free_port, port_is_open
+from ops_platform.local_servers.process import ServerProcess, find_binary, free_port, port_is_open
 from ops_platform.resources.object_store import LocalObjectStore, ObjectStore, S3ObjectStore, aws_client
 from ops_platform.spec import Datastore, RestoreTest
+from tests.fixtures.tls import CertificateAuthority
 from tests.fixtures.backup_sources import (  # noqa: F401
     ETCD_KEYS,
     etcd_backup_source,
@@ -258,3 +269,104 @@ def test_prefix_end_covers_exactly_the_keys_under_a_prefix() -> None:
     assert prefix_end(b"/ontology/") == b"/ontology0"
     assert prefix_end(b"a\xff") == b"b"
     assert prefix_end(b"\xff\xff") == b"\0"
+
+
+# -- etcd over https with client certificates (as a cluster's own etcd is run) ---------------------
+
+
+def _certificate(ca: CertificateAuthority, *usages: x509.ObjectIdentifier, ip: str | None = None
+                 ) -> tuple[bytes, bytes]:
+    """A certificate of ``ca`` with these extended key usages (etcd checks them), and its key, as PEM.
+
+    etcd's own gateway dials etcd with the server certificate, so that one needs clientAuth as well.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip or "ops-platform-backup")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+    )
+    if ip:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip_address(ip))]),
+                                        critical=False)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.fixture
+def tls_etcd(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A one-member etcd serving https and accepting only clients with a certificate of its CA."""
+    ca = CertificateAuthority("etcd-ca")
+    server_pem, server_key_pem = _certificate(ca, ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH,
+                                              ip="127.0.0.1")
+    client_pem, client_key_pem = _certificate(ca, ExtendedKeyUsageOID.CLIENT_AUTH)
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    files = {}
+    for name, content in (("ca_file", ca.pem), ("server", server_pem), ("server_key", server_key_pem),
+                          ("cert_file", client_pem), ("key_file", client_key_pem)):
+        (pki / f"{name}.pem").write_bytes(content)
+        files[name] = str(pki / f"{name}.pem")
+    port, peer = free_port(), free_port()
+    url, peer_url = f"https://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
+    context = ssl.create_default_context(cafile=files["ca_file"])
+    context.load_cert_chain(files["cert_file"], files["key_file"])
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/health", timeout=1, context=context) as response:
+            return json.load(response).get("health") == "true"
+
+    server = ServerProcess("etcd", [
+        find_binary("etcd"), "--name", "tls", "--data-dir", str(tmp_path / "etcd-tls"),
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"tls={peer_url}", "--initial-cluster-state", "new",
+        "--cert-file", files["server"], "--key-file", files["server_key"],
+        "--trusted-ca-file", files["ca_file"], "--client-cert-auth",
+        "--heartbeat-interval", "10", "--election-timeout", "100",
+    ], log_path=tmp_path / "etcd-tls.log", ready=healthy, host="127.0.0.1", port=port).start()
+    for i in range(3):
+        body = json.dumps({"key": base64.b64encode(f"/ontology/tls-{i}".encode()).decode(),
+                           "value": base64.b64encode(b"x").decode()}).encode()
+        urllib.request.urlopen(urllib.request.Request(f"{url}/v3/kv/put", data=body, method="POST"),
+                               timeout=5, context=context).read()
+    try:
+        yield url, files
+    finally:
+        server.stop()
+
+
+def test_https_etcd_is_backed_up_only_with_client_tls_material_from_the_spec(
+    tls_etcd: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    url, files = tls_etcd
+    scratch = tmp_path / "scratch"
+    with pytest.raises(ValidationError, match=rf"connection.ca_file: endpoint {url} is TLS and etcd authenticates "
+                                              r"clients by certificate; set connection.ca_file, connection.cert_file"):
+        datastore([url], scratch)
+    store = LocalObjectStore(tmp_path / "store")
+    material = {name: files[name] for name in ("ca_file", "cert_file", "key_file")}
+    spec = datastore([url], scratch, **material)
+    without_certificate = EtcdSnapshotDriver(ssl_context=ssl.create_default_context(cafile=files["ca_file"]))
+    with pytest.raises(BackupError, match=rf"cannot reach {url}"):
+        BackupCatalog(store, spec.name).run_backup(without_certificate, spec, PARTITION)
+
+    wrong_key = datastore([url], scratch, **{**material, "key_file": files["server_key"]})
+    [problem] = preflight_live(wrong_key, EtcdSnapshotDriver(), operation="backup")
+    assert problem.startswith(f"connection.cert_file: cannot load the client certificate {files['cert_file']} with "
+                              f"key {files['server_key']}")
+    assert preflight_live(spec, EtcdSnapshotDriver(), operation="backup") == []
+
+    driver = build_driver(spec, DriverServices(kubernetes=lambda: None))
+    manifest = BackupCatalog(store, spec.name).run_backup(driver, spec, PARTITION)
+    assert manifest.counts["keys"] == 3
+    assert spec.restore_test is not None
+    with driver.restore(manifest, store, spec.restore_test, tmp_path) as restored:
+        assert restored.counts() == manifest.counts

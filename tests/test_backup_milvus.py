@@ -1,4 +1,8 @@
-"""MilvusBackupDriver against the fake milvus-backup REST server and Milvus REST v2 (tests/fakes/milvus_backup.py)."""
+"""MilvusBackupDriver against the fake milvus-backup REST server and Milvus REST v2 (tests/fakes/milvus_backup.py).
+
+Restore tests go to a scratch Milvus: a second fake whose milvus-backup reads
+the source's backups (one backup bucket) and writes to its own Milvus.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
@@ -35,18 +40,30 @@ def milvus() -> Iterator[MilvusBackupFake]:
 
 
 @pytest.fixture
+def scratch(milvus: MilvusBackupFake) -> Iterator[MilvusBackupFake]:
+    """The restore-test Milvus and its milvus-backup, which sees the source's backups (their bucket)."""
+    with MilvusBackupFake(token=TOKEN, backups=milvus.backups, lock=milvus.lock) as fake:
+        yield fake
+
+
+@pytest.fixture
 def store(tmp_path: Path) -> LocalObjectStore:
     return LocalObjectStore(tmp_path / "store")
 
 
-def spec(url: str, prefix: str | None = PREFIX) -> Datastore:
+def spec(url: str, prefix: str | None = PREFIX, *, scratch: MilvusBackupFake | None = None,
+         milvus_url: str | None = None) -> Datastore:
+    """``scratch``: restore into that Milvus; without, into the source (``into_source``)."""
+    target = {"url": scratch.backup_url} if scratch else {"url": url}
     return Datastore.model_validate({
         "name": "milvus_vectors",
         "engine": "milvus",
         "method": "milvus_backup",
         "connection": {"url": url},
-        "milvus": {"server_url": url, "collections": ["concept_vectors", "relation_vectors"]},
-        "restore_test": {"target": {"url": url}, "rename_prefix": prefix, "verify_keys": ["concept_vectors"]},
+        "milvus": {"server_url": milvus_url or url, "collections": ["concept_vectors", "relation_vectors"],
+                   **({"restore_server_url": scratch.milvus_url} if scratch else {})},
+        "restore_test": {"target": target, "rename_prefix": prefix, "into_source": scratch is None,
+                         "verify_keys": ["concept_vectors"]},
     })
 
 
@@ -56,8 +73,45 @@ def driver(fake: MilvusBackupFake, **overrides) -> MilvusBackupDriver:
     return MilvusBackupDriver(collections, **{**options, **overrides})
 
 
-def test_backup_restore_renamed_and_dropped(milvus: MilvusBackupFake, store: LocalObjectStore, tmp_path: Path) -> None:
+def test_restore_through_the_source_milvus_backup_without_the_opt_in_is_refused_before_any_write(
+    milvus: MilvusBackupFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    with pytest.raises(ValidationError, match=r"restore_test.target.url .* is the source .*restore_test.into_source"):
+        Datastore.model_validate({**spec(milvus.backup_url).model_dump(exclude_none=True), "restore_test": {
+            "target": {"url": milvus.backup_url}, "rename_prefix": PREFIX}})
     datastore = spec(milvus.backup_url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(milvus), datastore, "2026-11-22")
+    writes = len(milvus.writes())
+    alias = milvus.backup_url.replace("127.0.0.1", "localhost")
+
+    with pytest.raises(RestoreRefused, match=r"refused before writing anything: restore_test.target.url .* is the "
+                                             r"source .*same resolved address.*restore_test.into_source: true"):
+        with driver(milvus).restore(manifest, store, RestoreTest(target={"url": alias}, rename_prefix=PREFIX),
+                                    tmp_path):
+            pass
+    assert len(milvus.writes()) == writes
+
+
+def test_a_scratch_restore_counted_in_the_source_milvus_is_refused_before_any_write(
+    milvus: MilvusBackupFake, scratch: MilvusBackupFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    with pytest.raises(ValidationError, match=r"milvus.restore_server_url: required"):
+        Datastore.model_validate({**spec(milvus.backup_url, scratch=scratch).model_dump(exclude_none=True),
+                                  "milvus": {"server_url": milvus.milvus_url}})
+    datastore = spec(milvus.backup_url, scratch=scratch, milvus_url=milvus.milvus_url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(milvus), datastore, "2026-11-22")
+    writes = len(milvus.writes()) + len(scratch.writes())
+
+    with pytest.raises(RestoreRefused, match=rf"counted and dropped in {milvus.milvus_url}, the source Milvus"):
+        with driver(milvus).restore(manifest, store, datastore.restore_test, tmp_path):
+            pass
+    assert len(milvus.writes()) + len(scratch.writes()) == writes
+
+
+def test_backup_restore_into_a_scratch_milvus_renamed_and_dropped(
+    milvus: MilvusBackupFake, scratch: MilvusBackupFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(milvus.backup_url, scratch=scratch)
     catalog = BackupCatalog(store, datastore.name)
     manifest = catalog.run_backup(driver(milvus), datastore, "2026-11-22")
 
@@ -71,16 +125,34 @@ def test_backup_restore_renamed_and_dropped(milvus: MilvusBackupFake, store: Loc
     assert record["state_code"] == 2 and catalog.verify_artifacts(manifest) == []
     assert driver(milvus).verify(manifest, store).ok
     milvus.collections[("default", "concept_vectors")] = 9999  # live data moves on
+    source_writes = len(milvus.writes())
+
+    with driver(scratch).restore(manifest, store, datastore.restore_test, tmp_path) as restored:
+        assert restored.counts() == manifest.counts
+        assert scratch.collections[("default", f"{PREFIX}concept_vectors")] == 5000
+        [query] = restored.run_queries(["concept_vectors"])
+        assert query.ok and query.value == 5000
+
+    assert len(milvus.writes()) == source_writes, "the source Milvus and its milvus-backup are only read"
+    restore = next(r for r in scratch.requests if r.path == "/api/v1/restore")
+    assert restore.body["collection_renames"] == {"concept_vectors": f"{PREFIX}concept_vectors",
+                                                  "relation_vectors": f"{PREFIX}relation_vectors"}
+    assert scratch.collections == {}
+    assert sorted(name for _, name in milvus.collections) == ["concept_vectors", "relation_vectors", "scratchpad"]
+    assert milvus.collections[("default", "concept_vectors")] == 9999
+
+
+def test_restore_into_the_source_with_the_opt_in_renames_and_drops(
+    milvus: MilvusBackupFake, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    datastore = spec(milvus.backup_url)
+    manifest = BackupCatalog(store, datastore.name).run_backup(driver(milvus), datastore, "2026-11-22")
+    milvus.collections[("default", "concept_vectors")] = 9999
 
     with driver(milvus).restore(manifest, store, datastore.restore_test, tmp_path) as restored:
         assert restored.counts() == manifest.counts
         assert milvus.collections[("default", f"{PREFIX}concept_vectors")] == 5000
-        [query] = restored.run_queries(["concept_vectors"])
-        assert query.ok and query.value == 5000
 
-    restore = next(r for r in milvus.requests if r.path == "/api/v1/restore")
-    assert restore.body["collection_renames"] == {"concept_vectors": f"{PREFIX}concept_vectors",
-                                                  "relation_vectors": f"{PREFIX}relation_vectors"}
     assert sorted(name for _, name in milvus.collections) == ["concept_vectors", "relation_vectors", "scratchpad"]
     assert milvus.collections[("default", "concept_vectors")] == 9999
 
@@ -147,7 +219,7 @@ def test_restore_that_could_touch_source_collections_is_refused_before_any_write
     writes = len(milvus.writes())
     with pytest.raises(RestoreRefused, match=reason):
         with driver(milvus).restore(manifest, store, RestoreTest(target={"url": milvus.backup_url},
-                                                                 rename_prefix=prefix), tmp_path):
+                                                                 rename_prefix=prefix, into_source=True), tmp_path):
             pass
     assert len(milvus.writes()) == writes
 

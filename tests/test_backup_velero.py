@@ -1,4 +1,11 @@
-"""VeleroBackupDriver against the fake Kubernetes API; the tests play Velero's controller."""
+"""VeleroBackupDriver against the fake Kubernetes API; the tests play Velero's controller.
+
+The backed-up namespaces hold what a production namespace holds: data
+(ConfigMaps, Secrets, claims) and what must never come back in a restore
+test (a Deployment configured for the production database, a CronJob, an
+Ingress). The played Velero restores what the Restore's includedResources
+select, as Velero does.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,13 @@ import pytest
 
 from ops_platform.backups.base import BackupError, RestoreError, RestoreRefused
 from ops_platform.backups.catalog import BackupCatalog
-from ops_platform.backups.velero_backup import RESTORE_TEST_LABEL, VELERO_API, VeleroBackupDriver, backup_name
+from ops_platform.backups.velero_backup import (
+    RESTORE_TEST_LABEL,
+    SCRATCH_POLICY,
+    VELERO_API,
+    VeleroBackupDriver,
+    backup_name,
+)
 from ops_platform.errors import ServerUnreachableError
 from ops_platform.local_servers.process import free_port
 from ops_platform.resources.kubernetes import KubernetesClient, KubernetesResource
@@ -80,8 +93,47 @@ def spec(target: str = "velero-restore-test", namespaces: list[str] | None = Non
         "velero": {"schedule": "onto-cluster-daily",
                    "included_namespaces": namespaces if namespaces is not None else ["ontology-editor", "data"]},
         "restore_test": {"target": {"namespace": target},
-                         "verify_keys": ["apps/v1 Deployment ontology-editor/onto-backend"]},
+                         "verify_keys": ["v1 ConfigMap ontology-editor/onto-backend-config"]},
     })
+
+
+# What the backed-up namespaces hold: (apiVersion, kind, plural, name).
+LIVE_OBJECTS = [
+    ("v1", "ConfigMap", "configmaps", "onto-backend-config"),
+    ("v1", "Secret", "secrets", "onto-backend-db"),
+    ("v1", "PersistentVolumeClaim", "persistentvolumeclaims", "onto-data"),
+    ("apps/v1", "Deployment", "deployments", "onto-backend"),
+    ("batch/v1", "CronJob", "cronjobs", "onto-ilm"),
+    ("networking.k8s.io/v1", "Ingress", "ingresses", "onto"),
+]
+
+
+def seed_live_namespaces(kube_api: KubeApiServer, namespaces: tuple[str, ...] = ("ontology-editor", "data")) -> None:
+    for namespace in namespaces:
+        for api_version, kind, _, name in LIVE_OBJECTS:
+            spec = {"data": {"DATABASE_URL": "postgresql://onto-pg-rw.data.svc:5432/ontology"}} if kind == "ConfigMap" \
+                else {"spec": {}}
+            kube_api.put_object({"apiVersion": api_version, "kind": kind,
+                                 "metadata": {"name": name, "namespace": namespace}, **spec})
+        kube_api.put_object({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+            "name": "scratch-only", "namespace": namespace, "labels": {"velero.io/exclude-from-backup": "true"}}})
+
+
+def plays_velero_restore(kube_api: KubeApiServer) -> Callable[[dict[str, Any]], Status]:
+    """Velero restoring the seeded objects its Restore selects (includedResources) into the mapped namespaces,
+    then marking the Restore Completed."""
+    def restore(obj: dict[str, Any]) -> Status:
+        spec = obj["spec"]
+        included = spec.get("includedResources") or ["*"]
+        for source, scratch in spec["namespaceMapping"].items():
+            for api_version, kind, plural, name in LIVE_OBJECTS:
+                if "*" in included or plural in included:
+                    original = kube_api.get_object(api_version, plural, name, source)
+                    kube_api.put_object({"apiVersion": api_version, "kind": kind,
+                                         "metadata": {"name": name, "namespace": scratch},
+                                         **{k: v for k, v in original.items() if k in ("data", "spec")}})
+        return restore_completed(6)(obj)
+    return restore
 
 
 @contextmanager
@@ -130,9 +182,42 @@ def writes(kube_api: KubeApiServer) -> int:
     return sum(1 for r in kube_api.requests if r.method in ("POST", "PUT", "PATCH", "DELETE"))
 
 
+def test_restore_brings_back_data_only_into_namespaces_fenced_before_the_restore(
+    kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    seed_live_namespaces(kube_api)
+    datastore = spec()
+    driver = VeleroBackupDriver(kube, backup_timeout=5)
+    with velero_controller(kube_api, "backups", completed(42)):
+        manifest = BackupCatalog(store, datastore.name).run_backup(driver, datastore, "2026-11-22")
+    kube_api.requests.clear()
+
+    with velero_controller(kube_api, "restores", plays_velero_restore(kube_api)) as restores:
+        with driver.restore(manifest, store, datastore.restore_test, tmp_path):
+            for scratch in ("velero-restore-test-ontology-editor", "velero-restore-test-data"):
+                for api_version, _, plural, name in LIVE_OBJECTS:
+                    restored = kube_api.get_object(api_version, plural, name, scratch)
+                    assert (restored is not None) == (plural in ("configmaps", "secrets", "persistentvolumeclaims")), \
+                        (plural, scratch)
+                fence = kube_api.get_object("networking.k8s.io/v1", "networkpolicies", SCRATCH_POLICY, scratch)
+                assert fence["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+    [restore] = restores
+    assert restore["spec"]["includedResources"] == ["persistentvolumeclaims", "persistentvolumes", "configmaps",
+                                                    "secrets"]
+    assert set(restore["spec"]) == {"backupName", "includedNamespaces", "namespaceMapping", "includedResources"}
+    writes = [(r.method, r.path) for r in kube_api.requests if r.method in ("POST", "PUT", "PATCH")]
+    restore_created = writes.index(next(w for w in writes if "/restores" in w[1]))
+    for scratch in ("velero-restore-test-ontology-editor", "velero-restore-test-data"):
+        fenced = writes.index(next(w for w in writes if w[1].endswith(f"/namespaces/{scratch}/networkpolicies/"
+                                                                       f"{SCRATCH_POLICY}")))
+        assert fenced < restore_created, f"{scratch} was fenced after the Restore was created"
+
+
 def test_backup_restore_into_scratch_namespaces_and_cleanup(
     kube: KubernetesClient, kube_api: KubeApiServer, store: LocalObjectStore, tmp_path: Path
 ) -> None:
+    seed_live_namespaces(kube_api)
     datastore = spec()
     catalog = BackupCatalog(store, datastore.name)
     driver = VeleroBackupDriver(kube, backup_timeout=5)
@@ -144,23 +229,21 @@ def test_backup_restore_into_scratch_namespaces_and_cleanup(
     assert backup["metadata"]["labels"]["velero.io/schedule-name"] == "onto-cluster-daily"
     assert backup["spec"]["includedNamespaces"] == ["ontology-editor", "data"]
     assert backup["spec"]["ttl"] == "720h0m0s" and backup["spec"]["storageLocation"] == "default"
-    assert manifest.counts == {"items": 42}
+    assert manifest.counts == {f"{resource}:{namespace}": 1 for namespace in ("ontology-editor", "data")
+                               for resource in ("persistentvolumeclaims", "configmaps", "secrets")}
+    assert manifest.details["items_backed_up"] == 42
     assert manifest.recovery_point.isoformat() == "2026-11-22T03:00:01+00:00"
     record = json.loads(store.get_bytes(manifest.artifacts[0].key))
     assert record["status"]["phase"] == "Completed" and catalog.verify_artifacts(manifest) == []
     assert driver.verify(manifest, store).ok
 
-    def velero_restores_objects(restore: dict[str, Any]) -> None:
-        for scratch in restore["spec"]["namespaceMapping"].values():
-            kube_api.put_object({"apiVersion": "apps/v1", "kind": "Deployment",
-                                 "metadata": {"name": "onto-backend", "namespace": scratch}, "spec": {}})
-
-    with velero_controller(kube_api, "restores", restore_completed(42), velero_restores_objects) as restores:
+    with velero_controller(kube_api, "restores", plays_velero_restore(kube_api)) as restores:
         with driver.restore(manifest, store, datastore.restore_test, tmp_path) as restored:
             assert restored.counts() == manifest.counts
-            [query] = restored.run_queries(["apps/v1 Deployment ontology-editor/onto-backend"])
+            [query] = restored.run_queries(["v1 ConfigMap ontology-editor/onto-backend-config"])
             assert query.ok
-            assert not restored.run_queries(["apps/v1 Deployment logging/onto-backend"])[0].ok
+            assert not restored.run_queries(["v1 ConfigMap logging/onto-backend-config"])[0].ok
+            assert not restored.run_queries(["apps/v1 Deployment ontology-editor/onto-backend"])[0].ok
             scratch = kube_api.get_object("v1", "namespaces", "velero-restore-test-ontology-editor")
             assert scratch["metadata"]["labels"][RESTORE_TEST_LABEL] == "cluster_state"
 
@@ -168,10 +251,10 @@ def test_backup_restore_into_scratch_namespaces_and_cleanup(
     assert restore["spec"]["backupName"] == backup["metadata"]["name"]
     assert restore["spec"]["namespaceMapping"] == {"ontology-editor": "velero-restore-test-ontology-editor",
                                                    "data": "velero-restore-test-data"}
-    assert restore["spec"]["includeClusterResources"] is False
     assert kube_api.get_object(VELERO_API, "restores", restore["metadata"]["name"], "velero") is None
     assert kube_api.get_object("v1", "namespaces", "velero-restore-test-data") is None
     assert kube_api.get_object("v1", "namespaces", "ontology-editor") is not None
+    assert kube_api.get_object("apps/v1", "deployments", "onto-backend", "ontology-editor") is not None
 
 
 def test_single_namespace_maps_to_the_target_namespace(

@@ -16,11 +16,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ops_platform.errors import OpsPlatformError
-from ops_platform.resources.object_store import ObjectStore, StoredObject
 from ops_platform.spec import Datastore, RestoreTest
+
+if TYPE_CHECKING:  # the object store pulls in boto3 and dagster; the spec's preflight needs only this module
+    from ops_platform.resources.object_store import ObjectStore, StoredObject
 
 
 class BackupError(OpsPlatformError):

@@ -14,10 +14,23 @@ Expire (retention drops the backup): ``DELETE _snapshot/<repo>/<name>``, which
 Elasticsearch answers once the snapshot's files that no other snapshot shares
 are gone from the repository; a snapshot already missing counts as expired.
 
-Restore test: ``POST _snapshot/<repo>/<name>/_restore`` with
-``rename_pattern``/``rename_replacement`` so every index comes back as
-``<rename_prefix><index>``, without aliases or global state, then ``_count``
-each one; on exit only the indices this restore created are deleted.
+Restore test: into a scratch cluster (``restore_test.target.url``), which
+reads the snapshot from the same repository registered there read-only (the
+driver registers it with the source's type and settings plus
+``readonly: true`` when it is missing, and refuses one registered writable:
+two clusters writing one repository corrupt it). ``POST
+_snapshot/<repo>/<name>/_restore`` with ``rename_pattern``/``rename_replacement``
+so every index comes back as ``<rename_prefix><index>``, with no replicas,
+without aliases or global state, then ``_count`` each one; on exit only the
+indices this restore created are deleted.
+
+A target that is the source (same resolved address, or the same
+``cluster_uuid`` the backup recorded) is refused before anything is written,
+unless the spec opts in with ``restore_test.into_source: true``; then the
+restore first proves the cluster has room: the data nodes' free disk below
+the flood-stage watermark must hold ``disk_margin`` times the snapshot's size
+(``_snapshot/<repo>/<name>/_status``), else it is refused. :meth:`preflight`
+checks the same at run start, estimating the size from the source's indices.
 
 Counts are taken just before the snapshot starts: an index written during the
 snapshot may hold more documents in the snapshot than counted. Set
@@ -34,8 +47,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import requests
 
@@ -49,15 +62,22 @@ from ops_platform.backups.base import (
     RestoreRefused,
     Verification,
 )
-from ops_platform.backups.restore_target import same_server
+from ops_platform.backups.restore_target import same_endpoint, target_is_source
 from ops_platform.errors import OpsPlatformError, ServerUnreachableError
-from ops_platform.resources.object_store import ObjectStore
-from ops_platform.spec import RestoreTest
+from ops_platform.spec import Connection, Datastore, RestoreTest
+
+if TYPE_CHECKING:
+    from ops_platform.resources.object_store import ObjectStore
 
 SNAPSHOT_ARTIFACT = "snapshot.json"
 FINAL_STATES = ("SUCCESS", "FAILED", "PARTIAL", "INCOMPATIBLE")
+FLOOD_STAGE = "cluster.routing.allocation.disk.watermark.flood_stage"
+DEFAULT_FLOOD_STAGE = "95%"
+# Repository settings a manifest records so a scratch cluster can register the repository: never credentials.
+_SECRET_SETTING = re.compile(r"secret|password|access_key|session_token|credential", re.IGNORECASE)
+_BYTE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4, "pb": 1024**5}
 # Index names: lowercase, no \ / * ? " < > | space , #, not starting with - _ +.
-_INDEX_NAME = re.compile(r'^[^-_+A-Z\\/*?"<>| ,#:][^A-Z\\/*?"<>| ,#:]*$')
+INDEX_NAME = re.compile(r'^[^-_+A-Z\\/*?"<>| ,#:][^A-Z\\/*?"<>| ,#:]*$')
 
 
 class ElasticsearchError(OpsPlatformError):
@@ -153,6 +173,25 @@ class ElasticsearchClient:
     def version(self) -> str:
         return str(self.request("GET", "/")["version"]["number"])
 
+    def cluster_uuid(self) -> str | None:
+        return self.request("GET", "/").get("cluster_uuid")
+
+    def repository(self, name: str) -> dict[str, Any] | None:
+        """The repository as registered (``{"type", "settings"}``), None when it is not."""
+        try:
+            return self.request("GET", f"/_snapshot/{quote(name, safe='')}").get(name)
+        except ElasticsearchError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def primary_bytes(self, patterns: list[str]) -> int:
+        """Primary store size of the open indices matching ``patterns`` (what a restore with no replicas takes)."""
+        expression = quote(",".join(patterns), safe=",*")
+        rows = self.request("GET", f"/_cat/indices/{expression}", params={
+            "format": "json", "h": "index,pri.store.size", "bytes": "b", "expand_wildcards": "open"})
+        return sum(int(row.get("pri.store.size") or 0) for row in rows)
+
     def open_indices(self, patterns: list[str]) -> list[str]:
         expression = quote(",".join(patterns), safe=",*")
         rows = self.request(
@@ -225,6 +264,8 @@ class ElasticsearchSnapshotDriver:
     ``job.password``. ``clock`` and ``sleep`` drive the polling.
     ``expire_timeout`` bounds the wait for a snapshot deletion, which
     Elasticsearch answers only when the repository's files are removed.
+    ``disk_margin``: how many times a snapshot's size a restore into the
+    source cluster needs free below the flood-stage watermark.
     """
 
     engine = "elasticsearch"
@@ -239,6 +280,7 @@ class ElasticsearchSnapshotDriver:
         poll_interval: float = 5.0,
         request_timeout: float = 30.0,
         expire_timeout: float = 600.0,
+        disk_margin: float = 2.0,
         verify_tls: bool | str = True,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -249,6 +291,7 @@ class ElasticsearchSnapshotDriver:
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
         self.expire_timeout = expire_timeout
+        self.disk_margin = disk_margin
         self.verify_tls = verify_tls
         self.clock = clock
         self.sleep = sleep
@@ -267,7 +310,8 @@ class ElasticsearchSnapshotDriver:
         name = snapshot_name(job.backup_id)
         try:
             version = client.version()
-            self._check_repository(client, repository, datastore.name)
+            cluster_uuid = client.cluster_uuid()
+            registered = self._check_repository(client, repository, datastore.name)
             indices = client.open_indices(options.indices)
             if not indices:
                 raise BackupError(
@@ -311,6 +355,11 @@ class ElasticsearchSnapshotDriver:
                 "url": connection.url,
                 "user": connection.user,
                 "password_env": connection.password_env,
+                "cluster_uuid": cluster_uuid,
+                # how a scratch cluster registers the same repository, read-only
+                "repository_type": registered.get("type"),
+                "repository_settings": {k: v for k, v in (registered.get("settings") or {}).items()
+                                        if not _SECRET_SETTING.search(k)},
             },
             counts=counts,
             details={
@@ -378,16 +427,38 @@ class ElasticsearchSnapshotDriver:
         target_url = target.url or restore["url"]
         prefix = restore_test.rename_prefix or ""
         renames = {index: f"{prefix}{index}" for index in restore["indices"]}
-        self._refuse_overwrite(restore["url"], target_url, prefix, renames)
+        in_source = self._refuse_overwrite(restore["url"], restore_test.model_copy(
+            update={"target": target.model_copy(update={"url": target_url})}), prefix)
         password_env = target.password_env or restore.get("password_env")
         client = self._client(
             target_url, target.user or restore.get("user"), self._password(password_env),
             "restore_test.target.url", password_env,
         )
         try:
-            client.version()
+            target_uuid = client.cluster_uuid()
         except ServerUnreachableError as error:
             raise RestoreError(f"restore target unreachable: {error}") from None
+        except ElasticsearchError as error:
+            raise RestoreError(f"restore target {client.url} failed: {error}") from None
+        if restore.get("cluster_uuid") and target_uuid == restore["cluster_uuid"] and not in_source:
+            if not restore_test.into_source:
+                raise RestoreRefused(
+                    f"restore into {client.url} refused before writing anything: it answers as the source cluster "
+                    f"(cluster_uuid {target_uuid}, as recorded by backup {manifest.backup_id}); restore into a "
+                    "scratch cluster, or opt in with restore_test.into_source: true and a rename_prefix"
+                )
+            in_source = True
+        try:
+            if in_source:
+                size = self._snapshot_bytes(client, restore["repository"], restore["snapshot"])
+                problems = self.room_problems(client, size)
+                if problems:
+                    raise RestoreRefused(f"restore of snapshot {restore['snapshot']} into the source cluster "
+                                         f"{client.url} refused before writing anything: {'; '.join(problems)}")
+            else:
+                self._register_read_only(client, restore)
+        except ElasticsearchError as error:
+            raise RestoreError(f"restore of snapshot {restore['snapshot']} into {client.url}: {error}") from None
         restored = RestoredIndices(client, renames, f"elasticsearch {client.url} indices {prefix}*")
         try:
             self._clear_leftovers(client, renames, prefix)
@@ -400,6 +471,8 @@ class ElasticsearchSnapshotDriver:
                     "indices": ",".join(renames),
                     "include_global_state": False,
                     "include_aliases": False,
+                    # primaries only: a restore test proves the data, and takes no more disk than the data
+                    "index_settings": {"index.number_of_replicas": 0},
                     **({"rename_pattern": "(.+)", "rename_replacement": f"{prefix}$1"} if prefix else {}),
                 },
                 timeout=self.restore_timeout,
@@ -417,6 +490,106 @@ class ElasticsearchSnapshotDriver:
         finally:
             self._cleanup(restored, prefix)
 
+    def preflight(self, datastore: Datastore) -> list[str]:
+        """Live checks of a restore test before it starts (see :mod:`ops_platform.backups.preflight`).
+
+        The target answers and is not the source cluster (``cluster_uuid``)
+        unless ``into_source``; a scratch target has the repository
+        registered read-only or not at all; the source cluster, when
+        restored into, has room for its indices' primaries.
+        """
+        restore_test, connection, options = datastore.restore_test, datastore.connection, datastore.elasticsearch
+        assert restore_test is not None and connection.url is not None and options is not None
+        target = restore_test.target
+        source = self._client(connection.url, connection.user, self._password(connection.password_env),
+                              f"connection.url of datastore '{datastore.name}'", connection.password_env)
+        password_env = target.password_env or connection.password_env
+        scratch = self._client(target.url or connection.url, target.user or connection.user,
+                               self._password(password_env), "restore_test.target.url", password_env)
+        try:
+            target_uuid = scratch.cluster_uuid()
+        except OpsPlatformError as error:
+            return [f"restore_test.target.url: {error}"]
+        try:
+            source_uuid = source.cluster_uuid()
+        except OpsPlatformError as error:
+            return [f"connection.url: {error}"]
+        if target_uuid == source_uuid and not restore_test.into_source:
+            return [f"restore_test.target.url: {scratch.url} answers as the source cluster (cluster_uuid "
+                    f"{source_uuid}); restore into a scratch cluster, or opt in with restore_test.into_source: true"]
+        try:
+            if restore_test.into_source:
+                return [f"restore_test.into_source: {problem}"
+                        for problem in self.room_problems(scratch, source.primary_bytes(list(options.indices)))]
+            registered = scratch.repository(options.repository)
+        except ElasticsearchError as error:
+            return [f"restore_test.target.url: {error}"]
+        if registered is not None and not _truthy((registered.get("settings") or {}).get("readonly")):
+            return [f"elasticsearch.repository: '{options.repository}' is registered writable in the restore target "
+                    f"{scratch.url}; two clusters writing one repository corrupt it: register it there with "
+                    "readonly: true, or delete it there and the restore test registers it read-only"]
+        return []
+
+    def room_problems(self, client: ElasticsearchClient, needed_bytes: int) -> list[str]:
+        """Whether ``disk_margin`` x ``needed_bytes`` fit on the data nodes below the flood-stage watermark.
+
+        Room is, over the data nodes, what each may still fill before it reaches
+        the watermark (``_nodes/stats/fs``, ``_cluster/settings`` with defaults).
+        """
+        settings = client.request("GET", "/_cluster/settings",
+                                  params={"include_defaults": "true", "flat_settings": "true"})
+        flood = next((settings[level][FLOOD_STAGE] for level in ("transient", "persistent", "defaults")
+                      if FLOOD_STAGE in (settings.get(level) or {})), DEFAULT_FLOOD_STAGE)
+        room = 0
+        for node in (client.request("GET", "/_nodes/stats/fs").get("nodes") or {}).values():
+            roles = node.get("roles")
+            if roles is not None and not any(str(role).startswith("data") for role in roles):
+                continue
+            total = (node.get("fs") or {}).get("total") or {}
+            size, available = int(total.get("total_in_bytes", 0)), int(total.get("available_in_bytes", 0))
+            room += max(0, flood_limit(str(flood), size) - (size - available))
+        wanted = int(needed_bytes * self.disk_margin)
+        if room >= wanted:
+            return []
+        return [f"{client.url} has {room} bytes of room below its flood-stage watermark ({flood}) on its data nodes, "
+                f"and the restore needs {wanted} ({needed_bytes} bytes of primaries x {self.disk_margin:g} margin); "
+                "restore into a scratch cluster (restore_test.target.url without into_source) or free disk first"]
+
+    @staticmethod
+    def _snapshot_bytes(client: ElasticsearchClient, repository: str, snapshot: str) -> int:
+        status = client.request("GET", f"/_snapshot/{quote(repository, safe='')}/{quote(snapshot, safe='')}/_status")
+        stats = ((status.get("snapshots") or [{}])[0].get("stats") or {}).get("total") or {}
+        return int(stats.get("size_in_bytes", 0))
+
+    @staticmethod
+    def _register_read_only(client: ElasticsearchClient, restore: dict[str, Any]) -> None:
+        """The backup's repository in the scratch cluster: registered read-only, pointing where the source's does."""
+        repository = restore["repository"]
+        recorded = restore.get("repository_settings") or {}
+        registered = client.repository(repository)
+        if registered is None:
+            if not restore.get("repository_type"):
+                raise RestoreRefused(
+                    f"snapshot repository '{repository}' is not registered in the restore target {client.url}, and "
+                    "the backup did not record its settings; register it there read-only (readonly: true)"
+                )
+            client.request("PUT", f"/_snapshot/{quote(repository, safe='')}", body={
+                "type": restore["repository_type"], "settings": {**recorded, "readonly": True}})
+            return
+        settings = registered.get("settings") or {}
+        if not _truthy(settings.get("readonly")):
+            raise RestoreRefused(
+                f"restore into {client.url} refused before writing anything: snapshot repository '{repository}' is "
+                "registered there writable, and two clusters writing one repository corrupt it (register it in "
+                "the restore target with readonly: true, or delete it there and the restore test registers it)"
+            )
+        for key in ("bucket", "base_path", "location"):
+            if key in recorded and str(settings.get(key)) != str(recorded[key]):
+                raise RestoreRefused(
+                    f"snapshot repository '{repository}' in the restore target {client.url} has {key} "
+                    f"{settings.get(key)!r}, the backup's has {recorded[key]!r}; it would not find the snapshot"
+                )
+
     def _client(
         self, url: str, user: str | None, password: str | None, setting: str, password_env: str | None
     ) -> ElasticsearchClient:
@@ -429,10 +602,10 @@ class ElasticsearchSnapshotDriver:
         return self.password_for(password_env) if password_env else None
 
     @staticmethod
-    def _check_repository(client: ElasticsearchClient, repository: str, datastore: str) -> None:
+    def _check_repository(client: ElasticsearchClient, repository: str, datastore: str) -> dict[str, Any]:
         path = f"/_snapshot/{quote(repository, safe='')}"
         try:
-            client.request("GET", path)
+            registered = client.request("GET", path).get(repository) or {}
         except ElasticsearchError as error:
             if error.status == 404:
                 raise BackupError(
@@ -448,6 +621,7 @@ class ElasticsearchSnapshotDriver:
                 f"elasticsearch: snapshot repository '{repository}' failed verification at {client.url}: "
                 f"{error} (check the repository's bucket and the nodes' S3 credentials)"
             ) from None
+        return registered
 
     def _wait_for_snapshot(self, client: ElasticsearchClient, repository: str, name: str) -> dict[str, Any]:
         deadline = self.clock() + self.snapshot_timeout
@@ -479,17 +653,17 @@ class ElasticsearchSnapshotDriver:
             pass  # the backup already failed; this error would hide why
 
     @staticmethod
-    def _refuse_overwrite(source_url: str, target_url: str, prefix: str, renames: dict[str, str]) -> None:
-        if prefix and not _INDEX_NAME.match(f"{prefix}x"):
+    def _refuse_overwrite(source_url: str, restore_test: RestoreTest, prefix: str) -> bool:
+        """Refuse a bad prefix or a target that is the source without the opt-in; True: the target is the source."""
+        if prefix and not INDEX_NAME.match(f"{prefix}x"):
             raise RestoreRefused(
                 f"restore_test.rename_prefix {prefix!r} cannot start an Elasticsearch index name "
                 "(use lowercase letters, digits and '-', e.g. 'restore-test-')"
             )
-        if not prefix and same_endpoint(source_url, target_url):
-            raise RestoreRefused(
-                f"restore into {target_url} refused before writing anything: it is the source cluster and "
-                "no restore_test.rename_prefix keeps the restored indices apart from the live ones"
-            )
+        reason = target_is_source(Connection(url=source_url), restore_test, separation="into_source")
+        if reason:
+            raise RestoreRefused(f"restore into {restore_test.target.url} refused before writing anything: {reason}")
+        return same_endpoint(source_url, str(restore_test.target.url))
 
     @staticmethod
     def _clear_leftovers(client: ElasticsearchClient, renames: dict[str, str], prefix: str) -> None:
@@ -524,15 +698,6 @@ def snapshot_name(backup_id: str) -> str:
     return f"ops-{backup_id.lower()}"
 
 
-def same_endpoint(url_a: str, url_b: str) -> bool:
-    """Whether two URLs reach the same server (host names compared by resolved address)."""
-    a, b = urlsplit(url_a), urlsplit(url_b)
-    default = {"http": 80, "https": 443}
-    port_a = a.port or default.get(a.scheme, 0)
-    port_b = b.port or default.get(b.scheme, 0)
-    return same_server(a.hostname or "", port_a, b.hostname or "", port_b)
-
-
 def _expire_hint(error: ElasticsearchError, repository: str) -> str:
     if error.error_type == "repository_missing_exception":
         return (f"; register the repository again (PUT _snapshot/{repository}, check elasticsearch.repository) "
@@ -565,3 +730,18 @@ def _snapshot_time(info: dict[str, Any]) -> datetime:
     if isinstance(started, str):
         return datetime.fromisoformat(started.replace("Z", "+00:00"))
     return datetime.now(UTC)
+
+
+def flood_limit(watermark: str, total_bytes: int) -> int:
+    """Bytes used at which a disk of ``total_bytes`` reaches ``watermark`` (``95%``, ``0.95`` or ``10gb`` free)."""
+    value = watermark.strip().lower()
+    if value.endswith("%"):
+        return int(total_bytes * float(value[:-1]) / 100)
+    match = re.fullmatch(r"([0-9.]+)\s*([kmgtp]?b)", value)
+    if match:
+        return total_bytes - int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+    return int(total_bytes * float(value))
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() == "true"

@@ -16,6 +16,13 @@ comparison is exact even when the source was written to meanwhile.
 Restore: ``etcdctl snapshot restore`` into ``restore_test.target.data_dir``,
 then a one-member etcd there on ``restore_test.target.port`` (peer port +1);
 both removed on exit.
+
+TLS: an etcd that serves https and authenticates clients by certificate
+(``--client-cert-auth``, as a cluster's own etcd runs) is reached with the
+spec's ``connection.ca_file``, ``cert_file`` and ``key_file``
+(:func:`client_ssl_context`, which the driver factory passes as
+``ssl_context``); the spec refuses https endpoints without them. A managed
+control plane (EKS) exposes no etcd at all: it is not a datastore of ours.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from ops_platform.errors import OpsPlatformError
 from ops_platform.local_servers.etcd import EtcdServer, start_etcd
 from ops_platform.local_servers.process import ServerStartError, find_binary, port_is_open
 from ops_platform.resources.object_store import ObjectStore
-from ops_platform.spec import RestoreTest
+from ops_platform.spec import Connection, RestoreTest
 
 ARTIFACT_NAME = "snapshot.db"
 CONTENT_TYPE = "application/x-etcd-snapshot"
@@ -71,6 +78,30 @@ MAX_MESSAGE_LINE = 16 * 1024 * 1024  # one JSON message of the snapshot stream (
 
 class EtcdError(OpsPlatformError):
     """An etcd gateway call failed; the message names the endpoint and the setting."""
+
+
+def client_ssl_context(connection: Connection) -> ssl.SSLContext | None:
+    """The TLS context of ``connection``'s client material (``ca_file``, ``cert_file``, ``key_file``), None without.
+
+    etcd's CA is the one trusted (not the system's); the client certificate
+    is what an etcd started with ``--client-cert-auth`` requires.
+    """
+    if not (connection.ca_file or connection.cert_file):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=connection.ca_file)
+    except (OSError, ssl.SSLError) as error:
+        raise EtcdError(f"connection.ca_file: cannot load {connection.ca_file} as a CA certificate "
+                        f"({getattr(error, 'strerror', None) or error}); check the path and that this process may "
+                        "read it") from None
+    if connection.cert_file:
+        try:
+            context.load_cert_chain(connection.cert_file, connection.key_file)
+        except (OSError, ssl.SSLError) as error:
+            raise EtcdError(f"connection.cert_file: cannot load the client certificate {connection.cert_file} with "
+                            f"key {connection.key_file} ({getattr(error, 'strerror', None) or error}); check both "
+                            "paths, that they are PEM and that the key is the certificate's") from None
+    return context
 
 
 def _b64(raw: bytes) -> str:

@@ -17,15 +17,20 @@ Expire (retention drops the backup): ``DELETE /api/v1/delete?backup_name=``,
 which removes the backup's directory from milvus-backup's bucket; code 404
 (Request_Object_Not_Found) means it is already gone.
 
-Restore test: ``POST /api/v1/restore`` with ``collection_renames``
-(``<rename_prefix><collection>``) and ``async: true``, poll
-``GET /api/v1/get_restore?id=`` until SUCCESS (2). milvus-backup restores into
-the Milvus it is configured for, which may be the live one, so a
-``rename_prefix`` is required and no renamed collection may be one of the
-backed-up names. milvus-backup cannot count rows or drop collections: that is
-done through Milvus itself by a :class:`MilvusCollections` (by default
-:class:`MilvusRestCollections`, Milvus' RESTful API v2, so no pymilvus is
-needed); only collections this restore created under the prefix are dropped.
+Restore test: through the milvus-backup server of a scratch Milvus
+(``restore_test.target.url``, reading the same backup bucket), ``POST
+/api/v1/restore`` with ``collection_renames`` (``<rename_prefix><collection>``)
+and ``async: true``, poll ``GET /api/v1/get_restore?id=`` until SUCCESS (2).
+milvus-backup restores into the Milvus it is configured for, so a target
+that is the source's milvus-backup (by resolved address) is refused unless
+the spec opts in with ``restore_test.into_source: true``; a ``rename_prefix``
+is required either way and no renamed collection may be one of the
+backed-up names. milvus-backup cannot count rows or drop collections: that
+is done through the target Milvus itself (``milvus.restore_server_url``) by a
+:class:`MilvusCollections` (by default :class:`MilvusRestCollections`,
+Milvus' RESTful API v2, so no pymilvus is needed); one that is the source
+Milvus is refused for a scratch restore, and only collections this restore
+created under the prefix are dropped.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import requests
 
@@ -52,9 +57,12 @@ from ops_platform.backups.base import (
     RestoreRefused,
     Verification,
 )
+from ops_platform.backups.restore_target import same_endpoint, target_is_source
 from ops_platform.errors import OpsPlatformError, ServerUnreachableError
-from ops_platform.resources.object_store import ObjectStore
-from ops_platform.spec import RestoreTest
+from ops_platform.spec import Connection, Datastore, RestoreTest
+
+if TYPE_CHECKING:
+    from ops_platform.resources.object_store import ObjectStore
 
 BACKUP_ARTIFACT = "backup.json"
 DEFAULT_DB = "default"
@@ -62,7 +70,7 @@ BACKUP_SUCCESS, BACKUP_FAIL, BACKUP_TIMEOUT = 2, 3, 4
 CODE_FAIL, CODE_NOT_FOUND = 3, 404  # milvus-backup's ResponseCode Fail and Request_Object_Not_Found
 RESTORE_SUCCESS, RESTORE_FAIL, RESTORE_TIMEOUT = 2, 3, 4
 STATE_NAMES = {0: "INITIAL", 1: "EXECUTING", 2: "SUCCESS", 3: "FAIL", 4: "TIMEOUT"}
-_COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
 
 class MilvusError(OpsPlatformError):
@@ -286,7 +294,8 @@ class MilvusBackupDriver:
             source_version=f"milvus {info.get('milvus_version', 'unknown')}",
             recovery_point=_backup_time(info, job.now),
             restore={"format": "milvus-backup", "backup_name": name, "backup_id": info.get("id"),
-                     "collections": backed_up, "url": datastore.connection.url},
+                     "collections": backed_up, "url": datastore.connection.url,
+                     "server_url": datastore.milvus.server_url if datastore.milvus else None},
             counts=counts,
             details={"backup": name, "collections": len(backed_up), "size_bytes": info.get("size"),
                      **({"counts": counts_note} if counts_note else {})},
@@ -342,6 +351,8 @@ class MilvusBackupDriver:
         sources = [(c["db"], c["name"]) for c in restore["collections"]]
         renames = restored_names(sources, prefix)
         url = restore_test.target.url or restore["url"]
+        self._refuse_source(restore, restore_test.model_copy(
+            update={"target": restore_test.target.model_copy(update={"url": url})}))
         client = MilvusBackupClient(url, timeout=self.request_timeout, setting="restore_test.target.url")
         restored = RestoredCollections(
             self.milvus, renames,
@@ -367,6 +378,52 @@ class MilvusBackupDriver:
             raise RestoreError(f"restore of {restore['backup_name']} failed: {error}") from None
         finally:
             self._cleanup(restored, prefix)
+
+    def _refuse_source(self, restore: dict[str, Any], restore_test: RestoreTest) -> None:
+        """A target that is the source's milvus-backup needs the opt-in; a scratch one, a Milvus not the source's."""
+        reason = target_is_source(Connection(url=restore["url"]), restore_test, separation="into_source")
+        if reason:
+            raise RestoreRefused(f"milvus restore refused before writing anything: {reason}")
+        counted_in = getattr(self.milvus, "url", None)
+        if (not restore_test.into_source and counted_in and restore.get("server_url")
+                and same_endpoint(counted_in, restore["server_url"])):
+            raise RestoreRefused(
+                f"milvus restore refused before writing anything: the restored collections would be counted and "
+                f"dropped in {counted_in}, the source Milvus; set milvus.restore_server_url to the scratch Milvus "
+                "that restore_test.target.url's milvus-backup writes to"
+            )
+
+    def preflight(self, datastore: Datastore) -> list[str]:
+        """Live checks of a restore test before it starts (see :mod:`ops_platform.backups.preflight`).
+
+        The target's milvus-backup and Milvus answer; the Milvus counted in is
+        not the source (by resolved address) unless ``into_source``; restoring
+        into the source, no collection under the prefix exists there already
+        (it would be dropped, and in a live cluster it may not be ours).
+        """
+        restore_test, options = datastore.restore_test, datastore.milvus
+        assert restore_test is not None and options is not None and datastore.connection.url is not None
+        url = restore_test.target.url or datastore.connection.url
+        try:
+            MilvusBackupClient(url, timeout=self.request_timeout, setting="restore_test.target.url").call(
+                "GET", "/list")
+        except OpsPlatformError as error:
+            return [f"restore_test.target.url: {error}"]
+        counted_in = getattr(self.milvus, "url", None)
+        if not restore_test.into_source and counted_in and same_endpoint(counted_in, options.server_url):
+            return [f"milvus.restore_server_url: {counted_in} is the source Milvus ({options.server_url}); name the "
+                    "scratch Milvus that restore_test.target.url's milvus-backup writes to"]
+        prefix = restore_test.rename_prefix or ""
+        try:
+            leftovers = [f"{DEFAULT_DB}.{prefix}{name}" for name in options.collections
+                         if self.milvus.has_collection(DEFAULT_DB, f"{prefix}{name}")]
+        except OpsPlatformError as error:
+            return [f"milvus.{'server_url' if restore_test.into_source else 'restore_server_url'}: {error}"]
+        if restore_test.into_source and leftovers:
+            return [f"restore_test.rename_prefix: {', '.join(leftovers)} already exist in the source Milvus; the "
+                    "restore test would drop them: drop them by hand if an interrupted restore test left them, or "
+                    "choose another prefix"]
+        return []
 
     def _wait(
         self, read: Callable[[], dict[str, Any]], success: int, failures: tuple[int, ...], timeout: float, *,
@@ -419,7 +476,7 @@ def restored_names(sources: list[tuple[str, str]], prefix: str) -> dict[tuple[st
         )
     renames = {(db, name): f"{prefix}{name}" for db, name in sources}
     for (db, name), target in renames.items():
-        if not _COLLECTION_NAME.match(target):
+        if not COLLECTION_NAME.match(target):
             raise RestoreRefused(
                 f"restored collection name {target!r} is not a Milvus collection name (letters, digits, "
                 "underscores, not starting with a digit): check restore_test.rename_prefix"

@@ -9,7 +9,9 @@ Backup ``<schedule>-ops-<backup_id>`` from its ``spec.template`` (labelled
 ``velero.io/schedule-name`` like the backups Velero makes itself, namespaces
 narrowed to ``velero.included_namespaces`` when set), wait for a final phase.
 Completed is a backup; Failed, PartiallyFailed and FailedValidation are not.
-Counts: ``status.progress.itemsBackedUp``.
+Counts: the data objects a restore test brings back (PersistentVolumeClaims,
+ConfigMaps, Secrets, per namespace, as the template selects them), listed
+just before the Backup is created; ``itemsBackedUp`` is in the details.
 
 Expire (retention drops the backup): what ``velero backup delete`` does, a
 DeleteBackupRequest in the Velero namespace (label ``velero.io/backup-name``,
@@ -19,29 +21,32 @@ The driver waits ``delete_timeout`` for Velero to process the request and the
 Backup to disappear, and reports Velero's errors or what it still waits for.
 A Backup already gone (its ``ttl`` expired first) counts as expired.
 
-Restore test: every backed-up namespace is mapped to a scratch namespace
-(``namespaceMapping``): one namespace goes to ``restore_test.target.namespace``;
-several go to ``<rename_prefix><ns>`` or, without a prefix,
-``<target.namespace>-<ns>``. The Restore leaves cluster-scoped resources alone
-(``includeClusterResources: false``) and never overwrites what exists (no
-``existingResourcePolicy``), so nothing outside the scratch namespaces is
-written. Scratch namespaces are created by the driver with a label; one that
-exists without it is refused (it would be deleted afterwards). On exit the
-Restore and the scratch namespaces are deleted.
+Restore test: data only, into fenced scratch namespaces. Every backed-up
+namespace is mapped to a scratch namespace (``namespaceMapping``): one
+namespace goes to ``restore_test.target.namespace``; several go to
+``<rename_prefix><ns>`` or, without a prefix, ``<target.namespace>-<ns>``.
+The driver creates the scratch namespaces (labelled; one that exists without
+the label is refused, it would be deleted afterwards) and in each a
+NetworkPolicy denying all ingress and egress, BEFORE it creates the Restore.
+The Restore brings back only data (``includedResources``: PersistentVolumeClaims
+and their PersistentVolumes, ConfigMaps, Secrets): no Deployment, StatefulSet,
+Job or CronJob that would start production-connected processes, no Ingress
+answering for a production host, no Certificate, ExternalSecret or operator
+object (a CloudNativePG Cluster archiving into the production stanza). It
+never overwrites what exists (no ``existingResourcePolicy``). The only
+cluster-scoped objects it may write are PersistentVolumes of the claims it
+restores, which Velero renames when the original exists; the shipped schedule
+backs up no cluster resources, so restored claims are provisioned anew. On
+exit the Restore and the scratch namespaces are deleted.
 
-Limits: ``itemsRestored`` only matches ``itemsBackedUp`` when the backup holds
-no cluster-scoped items (schedule template ``includeClusterResources: false``);
-otherwise the restore test reports the difference. Volume contents are not
-checked: a restored PVC is provisioned anew without cluster resources. A
-Backup that times out cannot be cancelled through the API; it is left to
-Velero and the message says so.
+Limits: volume contents are not checked. A Backup that times out cannot be
+cancelled through the API; it is left to Velero and the message says so.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -61,10 +66,18 @@ from ops_platform.backups.base import (
     RestoreRefused,
     Verification,
 )
+from ops_platform.backups.restore_target import VELERO_DATA_KINDS, scratch_namespaces
 from ops_platform.errors import OpsPlatformError
-from ops_platform.resources.kubernetes import Condition, KubernetesClient, WaitTimeout, deleted, describe
+from ops_platform.resources.kubernetes import (
+    Condition,
+    KindNotServed,
+    KubernetesClient,
+    WaitTimeout,
+    deleted,
+    describe,
+)
 from ops_platform.resources.object_store import ObjectStore
-from ops_platform.spec import RestoreTest
+from ops_platform.spec import Datastore, RestoreTest
 
 VELERO_API = "velero.io/v1"
 BACKUP_ARTIFACT = "backup.json"
@@ -74,8 +87,10 @@ BACKUP_UID_LABEL = "velero.io/backup-uid"
 BACKUP_ID_LABEL = "ops-platform/backup-id"
 RESTORE_TEST_LABEL = "ops-platform/restore-test"
 DONE_PHASES = ("Completed", "Failed", "PartiallyFailed", "FailedValidation")
-PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+EXCLUDE_LABEL = "velero.io/exclude-from-backup"
+SCRATCH_POLICY = "ops-restore-test-deny-all"
+# The namespaced data a restore test brings back and counts (PersistentVolumes are cluster-scoped).
+COUNTED_RESOURCES = ("persistentvolumeclaims", "configmaps", "secrets")
 
 
 def finished() -> Condition:
@@ -103,10 +118,16 @@ class RestoredNamespaces:
     mapping: dict[str, str]  # source namespace -> scratch namespace
     description: str
     restore: dict[str, Any] = field(default_factory=dict)
+    counted: tuple[str, ...] | None = None  # resources the backup counted; None: a manifest of before they were
 
     def counts(self) -> dict[str, int]:
-        progress = (self.restore.get("status") or {}).get("progress") or {}
-        return {"items": int(progress.get("itemsRestored", 0))}
+        """The restored data objects, under their source namespace's name (the backup's counts)."""
+        if self.counted is None:
+            progress = (self.restore.get("status") or {}).get("progress") or {}
+            return {"items": int(progress.get("itemsRestored", 0))}
+        return {f"{resource}:{source}": count
+                for source, scratch in self.mapping.items()
+                for resource, count in data_counts(self.kube, scratch, self.counted).items()}
 
     def run_queries(self, queries: list[str]) -> list[QueryResult]:
         """``verify_keys`` name objects that must exist after the restore:
@@ -175,6 +196,10 @@ class VeleroBackupDriver:
         if options.included_namespaces:
             template["includedNamespaces"] = list(options.included_namespaces)
         name = backup_name(options.schedule, job.backup_id)
+        counted = counted_resources(template)
+        counts = {f"{resource}:{namespace}": count
+                  for namespace in template.get("includedNamespaces") or [] if namespace != "*"
+                  for resource, count in data_counts(self.kube, namespace, counted, _selector(template)).items()}
         self.kube.apply({
             "apiVersion": VELERO_API,
             "kind": "Backup",
@@ -216,10 +241,13 @@ class VeleroBackupDriver:
                 "velero_namespace": velero_namespace,
                 "schedule": options.schedule,
                 "included_namespaces": list(template.get("includedNamespaces") or []),
+                "counted_resources": list(counted),
             },
-            counts={"items": int(progress.get("itemsBackedUp", 0))},
+            counts=counts,
             details={
                 "backup": f"{velero_namespace}/{name}",
+                "items_backed_up": progress.get("itemsBackedUp"),
+                "counts_measured": "data objects listed just before the Backup was created",
                 "total_items": progress.get("totalItems"),
                 "warnings": status.get("warnings", 0),
                 "expiration": status.get("expiration"),
@@ -305,14 +333,18 @@ class VeleroBackupDriver:
         )
         self._refuse_foreign_namespaces(mapping, manifest.datastore)
         restore_name = f"ops-restore-{manifest.backup_id.lower()}-{secrets.token_hex(3)}"
+        counted = restore.get("counted_resources")
         restored = RestoredNamespaces(
             self.kube, velero_namespace, restore_name, mapping,
-            f"velero restore {restore['backup_name']} into namespaces {', '.join(mapping.values())}",
+            f"velero restore {restore['backup_name']} (data only) into namespaces {', '.join(mapping.values())}",
+            counted=None if counted is None else tuple(counted),
         )
         try:
             for scratch in mapping.values():
                 self.kube.apply({"apiVersion": "v1", "kind": "Namespace",
                                  "metadata": {"name": scratch, "labels": {RESTORE_TEST_LABEL: manifest.datastore}}})
+            for scratch in mapping.values():  # fenced before anything is restored into it
+                self.kube.apply(scratch_network_policy(scratch, manifest.datastore))
             self.kube.apply({
                 "apiVersion": VELERO_API,
                 "kind": "Restore",
@@ -322,7 +354,7 @@ class VeleroBackupDriver:
                     "backupName": restore["backup_name"],
                     "includedNamespaces": list(mapping),
                     "namespaceMapping": mapping,
-                    "includeClusterResources": False,
+                    "includedResources": list(VELERO_DATA_KINDS),
                 },
             })
             try:
@@ -341,6 +373,41 @@ class VeleroBackupDriver:
             yield restored
         finally:
             self._cleanup(restored)
+
+    def preflight(self, datastore: Datastore) -> list[str]:
+        """Live checks of a restore test before it starts (see :mod:`ops_platform.backups.preflight`).
+
+        The Schedule exists and names its namespaces, their scratch namespaces
+        are not live, system or foreign ones, and the cluster serves
+        NetworkPolicy (the fence of the scratch namespaces).
+        """
+        options, restore_test = datastore.velero, datastore.restore_test
+        velero_namespace = datastore.connection.namespace
+        assert options is not None and restore_test is not None and velero_namespace is not None
+        schedule = self.kube.get(VELERO_API, "Schedule", options.schedule, velero_namespace)
+        if schedule is None:
+            return [f"velero.schedule: no Schedule '{options.schedule}' in namespace {velero_namespace} at "
+                    f"{self.kube.host} (check velero.schedule and connection.namespace)"]
+        template = (schedule.get("spec") or {}).get("template") or {}
+        included = list(options.included_namespaces or template.get("includedNamespaces") or [])
+        try:
+            mapping = scratch_namespaces(included, velero_namespace, restore_test.target.namespace,
+                                         restore_test.rename_prefix)
+        except RestoreRefused as refused:
+            return [f"restore_test.target.namespace: {refused}"]
+        problems = []
+        for scratch in mapping.values():
+            existing = self.kube.get("v1", "Namespace", scratch)
+            labels = ((existing or {}).get("metadata") or {}).get("labels") or {}
+            if existing is not None and labels.get(RESTORE_TEST_LABEL) != datastore.name:
+                problems.append(f"restore_test.target.namespace: scratch namespace {scratch} exists and was not made "
+                                f"by a restore test of '{datastore.name}'; the restore test would delete it: pick "
+                                "another restore_test.target.namespace or rename_prefix")
+        try:
+            self.kube.kind("networking.k8s.io/v1", "NetworkPolicy")
+        except KindNotServed as error:
+            problems.append(f"{error}: the scratch namespaces cannot be fenced off the network")
+        return problems
 
     def _refuse_foreign_namespaces(self, mapping: dict[str, str], datastore: str) -> None:
         for scratch in mapping.values():
@@ -402,33 +469,41 @@ def velero_label(name: str) -> str:
     return name[:57] + hashlib.sha256(name.encode()).hexdigest()[:6]
 
 
-def scratch_namespaces(
-    backed_up: list[str], velero_namespace: str, target: str | None, prefix: str | None
-) -> dict[str, str]:
-    """Where each backed-up namespace is restored; refuses any mapping that could touch a live namespace."""
-    if not backed_up or "*" in backed_up:
-        raise RestoreRefused(
-            "the backup covers every namespace; a restore test maps named namespaces only "
-            "(set velero.included_namespaces or the schedule template's includedNamespaces)"
-        )
-    if not target and not prefix:
-        raise RestoreRefused("restore_test.target.namespace is required for a velero restore test")
-    if prefix:
-        mapping = {namespace: f"{prefix}{namespace}" for namespace in backed_up}
-    elif len(backed_up) == 1:
-        mapping = {backed_up[0]: str(target)}
-    else:
-        mapping = {namespace: f"{target}-{namespace}" for namespace in backed_up}
-    live = set(backed_up) | {velero_namespace, *PROTECTED_NAMESPACES}
-    for source, scratch in mapping.items():
-        if scratch in live:
-            raise RestoreRefused(
-                f"restore of namespace {source} into {scratch} refused before writing anything: {scratch} is "
-                "a backed-up, Velero or system namespace (check restore_test.target.namespace and rename_prefix)"
-            )
-        if not _DNS_LABEL.match(scratch):
-            raise RestoreRefused(f"scratch namespace name {scratch!r} is not a valid namespace name (63 chars max)")
-    return mapping
+def scratch_network_policy(namespace: str, datastore: str) -> dict[str, Any]:
+    """No traffic into or out of a scratch namespace's pods: restored data reaches nothing, nothing reaches it."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": SCRATCH_POLICY, "namespace": namespace, "labels": {RESTORE_TEST_LABEL: datastore}},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
+    }
+
+
+def counted_resources(template: dict[str, Any]) -> tuple[str, ...]:
+    """The data resources a backup of ``template`` holds: :data:`COUNTED_RESOURCES` less what it filters out."""
+    included = {str(r).split(".")[0] for r in template.get("includedResources") or ["*"]}
+    excluded = {str(r).split(".")[0] for r in template.get("excludedResources") or []}
+    return tuple(r for r in COUNTED_RESOURCES if ("*" in included or r in included) and r not in excluded)
+
+
+def data_counts(
+    kube: KubernetesClient, namespace: str, resources: tuple[str, ...], label_selector: str | None = None
+) -> dict[str, int]:
+    """How many of each data resource ``namespace`` holds that Velero backs up (not labelled excluded)."""
+    listed = {
+        "persistentvolumeclaims": lambda: kube.list("v1", "PersistentVolumeClaim", namespace,
+                                                    label_selector=label_selector),
+        "configmaps": lambda: kube.list("v1", "ConfigMap", namespace, label_selector=label_selector),
+        "secrets": lambda: kube.list("v1", "Secret", namespace, label_selector=label_selector),
+    }
+    return {resource: sum(1 for obj in listed[resource]()
+                          if ((obj.get("metadata") or {}).get("labels") or {}).get(EXCLUDE_LABEL) != "true")
+            for resource in resources}
+
+
+def _selector(template: dict[str, Any]) -> str | None:
+    labels = (template.get("labelSelector") or {}).get("matchLabels") or {}
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items())) or None
 
 
 def _outcome(status: dict[str, Any]) -> str:

@@ -23,13 +23,25 @@ Follows the documented request and response shapes of Elasticsearch 8:
   ``concurrent_snapshot_execution_exception`` ("cannot delete snapshot during
   a restore in progress"), as ``SnapshotsService`` refuses it;
 - ``POST _snapshot/<repo>/<snap>/_restore`` with ``indices``,
-  ``rename_pattern``/``rename_replacement`` (Java ``$1`` groups), refusing an
+  ``rename_pattern``/``rename_replacement`` (Java ``$1`` groups),
+  ``index_settings`` (kept per restored index in ``index_settings``), refusing an
   open index of the same name (500 ``snapshot_restore_exception``);
+- ``PUT _snapshot/<repo>`` (``type``, ``settings``; ``readonly: true`` makes
+  snapshot creation and deletion fail with 500 ``repository_exception``, as a
+  read-only repository does); ``GET _snapshot/<repo>/<snap>/_status``
+  (``stats.total.size_in_bytes``: ``bytes_per_doc`` per document);
+- ``GET /`` carries a ``cluster_uuid`` of its own per fake; two fakes built on
+  one ``snapshots`` mapping are two clusters sharing one repository bucket;
+- disk: ``_cat/indices`` ``pri.store.size`` (``bytes=b``), ``GET
+  _nodes/stats/fs`` from ``nodes`` (``roles``, ``total``, ``available`` bytes;
+  a restore fills the first data node by the restored primaries), ``GET
+  _cluster/settings`` (``persistent``/``transient`` from ``cluster_settings``,
+  ``defaults`` with the 95% flood-stage watermark, ``flat_settings``);
 - errors as ``{"error": {"root_cause": [...], "type", "reason"}, "status"}``.
 
-Not covered: shards, nodes, mappings, documents themselves (an index is a
-name and a count), data streams and aliases, ``_status``, ``_recovery``,
-repository types and their settings (any registered repository works), SLM.
+Not covered: shards, mappings, documents themselves (an index is a name and a
+count), data streams and aliases, ``_recovery``, repository types (any type
+registers; settings are stored, not used), watermarks acting on indices, SLM.
 """
 
 from __future__ import annotations
@@ -120,7 +132,8 @@ class ElasticsearchFake:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, user: str = "ops_backup",
-                 password: str = "es-secret", version: str = "8.15.0", polls_to_finish: int = 2) -> None:
+                 password: str = "es-secret", version: str = "8.15.0", polls_to_finish: int = 2,
+                 snapshots: dict[tuple[str, str], Snapshot] | None = None, bytes_per_doc: int = 1024) -> None:
         self.host = host
         self.port = port
         self.user = user
@@ -130,7 +143,13 @@ class ElasticsearchFake:
         self.lock = threading.RLock()
         self.indices: dict[str, int] = {}
         self.repositories: dict[str, Json] = {}
-        self.snapshots: dict[tuple[str, str], Snapshot] = {}
+        self.snapshots: dict[tuple[str, str], Snapshot] = {} if snapshots is None else snapshots  # the bucket
+        self.cluster_uuid = uuid.uuid4().hex[:22]
+        self.bytes_per_doc = bytes_per_doc
+        self.nodes: list[Json] = [{"name": "fake-node", "roles": ["data", "master", "ingest"],
+                                   "total": 100 * 1024**3, "available": 80 * 1024**3}]
+        self.cluster_settings: dict[str, Json] = {"persistent": {}, "transient": {}}
+        self.index_settings: dict[str, Json] = {}  # restored index -> the index_settings its restore asked for
         self.requests: list[RecordedRequest] = []
         self.restoring: set[tuple[str, str]] = set()  # (repository, snapshot) a restore is reading
         self._next_outcome: tuple[str, str] | None = None
@@ -166,9 +185,12 @@ class ElasticsearchFake:
 
     # -- hooks for tests
 
-    def add_repository(self, name: str, bucket: str = "onto-snapshots") -> None:
+    def add_repository(self, name: str, bucket: str = "onto-snapshots", *, readonly: bool = False) -> None:
         with self.lock:
-            self.repositories[name] = {"type": "s3", "settings": {"bucket": bucket, "base_path": "snapshots"}}
+            settings: Json = {"bucket": bucket, "base_path": "snapshots"}
+            if readonly:
+                settings["readonly"] = "true"
+            self.repositories[name] = {"type": "s3", "settings": settings}
 
     def fail_next_snapshot(self, state: str = "FAILED", reason: str = "IndexShardSnapshotFailedException") -> None:
         """The next snapshot ends in ``state`` (FAILED or PARTIAL) instead of SUCCESS."""
@@ -200,13 +222,17 @@ class ElasticsearchFake:
         with self.lock:
             self.requests.append(RecordedRequest(method, path, query, body))
             if not parts:
-                return 200, {"name": "fake-node", "cluster_name": "onto-es", "cluster_uuid": "fake",
+                return 200, {"name": "fake-node", "cluster_name": "onto-es", "cluster_uuid": self.cluster_uuid,
                              "version": {"number": self.version, "build_flavor": "default"},
                              "tagline": "You Know, for Search"}
             if parts[0] == "_cat" and parts[1:2] == ["indices"]:
                 return 200, self._cat_indices(parts[2] if len(parts) > 2 else "*", query)
             if parts[0] == "_snapshot":
                 return self._snapshot_api(method, parts[1:], query, body or {})
+            if parts == ["_nodes", "stats", "fs"] and method == "GET":
+                return 200, self._node_stats()
+            if parts == ["_cluster", "settings"] and method == "GET":
+                return 200, self._settings(query)
             if parts[0].startswith("_"):
                 raise EsError(400, "illegal_argument_exception", f"no handler for [{method} {path}] in this fake")
             return self._index_api(method, parts, query)
@@ -216,8 +242,10 @@ class ElasticsearchFake:
         columns = query.get("h", "health,status,index,docs.count").split(",")
         rows = []
         for name in names:
+            size = self.indices[name] * self.bytes_per_doc
             row = {"health": "green", "status": "open", "index": name, "uuid": name,
-                   "docs.count": str(self.indices[name]), "pri": "1", "rep": "0"}
+                   "docs.count": str(self.indices[name]), "pri": "1", "rep": "0",
+                   "pri.store.size": str(size) if query.get("bytes") == "b" else f"{size / 1024:.1f}kb"}
             rows.append({column: row.get(column) for column in columns})
         return rows
 
@@ -254,8 +282,14 @@ class ElasticsearchFake:
         if not parts:
             return 200, dict(self.repositories)
         repository = parts[0]
+        if len(parts) == 1 and method in ("PUT", "POST"):
+            self.repositories[repository] = {"type": body.get("type"), "settings": dict(body.get("settings") or {})}
+            return 200, {"acknowledged": True}
         if repository not in self.repositories:
             raise EsError(404, "repository_missing_exception", f"[{repository}] missing")
+        readonly = str(self.repositories[repository]["settings"].get("readonly", "")).lower() == "true"
+        if readonly and len(parts) == 2 and method in ("PUT", "POST", "DELETE"):
+            raise EsError(500, "repository_exception", f"[{repository}] cannot modify a readonly repository")
         if len(parts) == 1 and method == "GET":
             return 200, {repository: self.repositories[repository]}
         if parts[1:] == ["_verify"] and method == "POST":
@@ -285,6 +319,11 @@ class ElasticsearchFake:
             return 200, {"acknowledged": True}
         if parts[2:] == ["_restore"] and method == "POST":
             return self._restore(snapshot, query, body)
+        if parts[2:] == ["_status"] and method == "GET":
+            size = sum(snapshot.counts.values()) * self.bytes_per_doc
+            return 200, {"snapshots": [{"snapshot": name, "repository": repository, "state": snapshot.state,
+                                        "stats": {"total": {"file_count": len(snapshot.indices),
+                                                            "size_in_bytes": size}}}]}
         raise EsError(405, "method_not_allowed", f"{method} _snapshot/{'/'.join(parts)} is not served by this fake")
 
     def _matching_snapshots(self, repository: str, expression: str) -> list[Snapshot]:
@@ -357,11 +396,33 @@ class ElasticsearchFake:
                               "name by providing a rename pattern and replacement name")
         for index, target in renames.items():
             self.indices[target] = snapshot.counts[index]
+            self.index_settings[target] = dict(body.get("index_settings") or {})
+        data_nodes = [node for node in self.nodes if "data" in node["roles"]]
+        if data_nodes:
+            data_nodes[0]["available"] -= sum(snapshot.counts[i] for i in renames) * self.bytes_per_doc
         if query.get("wait_for_completion") == "true":
             total = len(renames)
             return 200, {"snapshot": {"snapshot": snapshot.name, "indices": list(renames.values()),
                                       "shards": {"total": total, "failed": 0, "successful": total}}}
         return 200, {"accepted": True}
+
+    def _node_stats(self) -> Json:
+        return {"_nodes": {"total": len(self.nodes), "successful": len(self.nodes), "failed": 0},
+                "cluster_name": "onto-es",
+                "nodes": {f"node-{i}": {"name": node["name"], "roles": node["roles"],
+                                        "fs": {"total": {"total_in_bytes": node["total"],
+                                                         "free_in_bytes": node["available"],
+                                                         "available_in_bytes": node["available"]}}}
+                          for i, node in enumerate(self.nodes)}}
+
+    def _settings(self, query: dict[str, str]) -> Json:
+        if query.get("flat_settings") != "true":
+            raise EsError(400, "illegal_argument_exception", "this fake answers flat_settings=true only")
+        answer = {level: dict(self.cluster_settings.get(level, {})) for level in ("persistent", "transient")}
+        if query.get("include_defaults") == "true":
+            answer["defaults"] = {"cluster.routing.allocation.disk.watermark.flood_stage": "95%",
+                                  "cluster.routing.allocation.disk.watermark.high": "90%"}
+        return answer
 
     def authorized(self, header: str | None) -> bool:
         scheme, _, encoded = (header or "").partition(" ")
