@@ -26,7 +26,7 @@ POOL = datastore_pool("redis_cache")
 STEP = "backups__redis_cache"
 
 
-def wait_until(condition, what: str, attempts: int = 600, interval: float = 0.1):
+def wait_until(condition, what: str, attempts: int = 3000, interval: float = 0.1):
     for _ in range(attempts):
         value = condition()
         if value:
@@ -77,7 +77,7 @@ def test_a_second_backup_of_the_same_datastore_waits_for_the_first(cli_env, redi
     env, home, store_dir = cli_env
     # Redis's own test knob: the RDB the backup reads is written slowly, so the first run is
     # still reading when the second is launched.
-    redis_backup_source.client().config_set("rdb-key-save-delay", 20000)
+    redis_backup_source.client().config_set("rdb-key-save-delay", 50000)
     instance = dg.DagsterInstance.from_config(str(home))
     first = launch(env, home, "first")
     try:

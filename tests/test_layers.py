@@ -205,7 +205,7 @@ def test_ops_platform_takes_ownership_and_unforced_apply_reports_the_conflict(ku
     assert owners == {"ops-platform"}
 
     other.apply(with_data("loose"))
-    conflict = r'(?s)apply ConfigMap shop/settings .*409 Conflict.*conflict with "helm": .data.mode'
+    conflict = r"(?s)apply ConfigMap shop/settings .*another manager owns: .data.mode \(owned by 'helm'\); nothing was changed"
     with pytest.raises(KubernetesError, match=conflict):
         kube.apply(CONFIGMAP, force=False)
 

@@ -45,7 +45,6 @@ def test_shipped_spec_describes_the_seed_platform():
         "neo4j": "backup",
         "redis": "rdb",
         "milvus": "milvus_backup",
-        "etcd": "snapshot",
         "velero": "velero",
     }
     assert spec.certificates.endpoints == ["onto.company.com:443"]
