@@ -375,3 +375,12 @@ def test_object_store_down_fails_the_backup_clearly(setup, monkeypatch):
     assert failure.step_failure_data.user_failure_data.metadata["metrics"].value == \
         "not pushed: OPS_PUSHGATEWAY_URL is not set"
     assert not result.get_asset_check_evaluations()[0].passed
+
+
+def test_a_backup_whose_secret_is_missing_is_refused_by_its_preflight(setup, monkeypatch):
+    spec, resources, store = setup
+    monkeypatch.delenv("REDIS_PASSWORD")
+    result = run_backup(spec, resources)
+    assert not result.success
+    assert "REDIS_PASSWORD" in failure_message(result)
+    assert list(store.list("backups/")) == []

@@ -27,6 +27,7 @@ from ops_platform.backups import metrics
 from ops_platform.backups.catalog import BackupCatalog, RetentionPlan, day_folder
 from ops_platform.backups.drivers import DriverServices, build_driver
 from ops_platform.backups.manifest import BackupManifest
+from ops_platform.backups.preflight import require_preflight
 from ops_platform.backups.restore_test import RestoreTestResult, result_rows, run_restore_test
 from ops_platform.cron import max_gap_minutes
 from ops_platform.environment import get_environment
@@ -139,6 +140,7 @@ def _backup_asset(spec: Spec, store: Datastore) -> dg.AssetsDefinition:
             catalog = BackupCatalog(object_store.get_store(), store.name)
             services = _services(kubernetes, object_store)
             driver = build_driver(store, services)
+            require_preflight(store, driver, services, operation="backup")
             with tempfile.TemporaryDirectory(prefix=f"ops-backup-{store.name}-") as work_dir:
                 started = datetime.now(UTC)
                 manifest = catalog.run_backup(
