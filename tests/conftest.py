@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.kube",
     "tests.fixtures.pgbackrest",
     "tests.fixtures.tls",
+    "tests.fixtures.kube_server",
 ]
