@@ -106,7 +106,7 @@ def _forbidden(call) -> int:
 
 
 def test_code_location_identity_is_refused_what_its_role_lacks(kube_cluster, kube_namespace) -> None:
-    api = kube_cluster.client_for("ops-platform")
+    api = kube_cluster.client_for("ops-platform", expect_refusals=True)
     try:
         core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
         assert _forbidden(lambda: core.delete_node("kubelet-stand-in")) == 403
@@ -125,7 +125,7 @@ def test_code_location_identity_is_refused_what_its_role_lacks(kube_cluster, kub
 
 
 def test_infra_identity_cannot_make_itself_cluster_admin(kube_cluster) -> None:
-    api = kube_cluster.client_for("ops-platform-infra")
+    api = kube_cluster.client_for("ops-platform-infra", expect_refusals=True)
     try:
         rbac = client.RbacAuthorizationV1Api(api)
         wildcard = client.V1ClusterRole(metadata=client.V1ObjectMeta(name="not-shipped"), rules=[
@@ -165,3 +165,12 @@ def test_audit_log_records_what_an_identity_sent(kube_cluster, kube_namespace) -
     events = kube_cluster.audit_events(kube_cluster.identity("ops-platform").username)
     assert any(event["verb"] == "list" and event["objectRef"].get("resource") == "configmaps"
                and event["objectRef"].get("namespace") == kube_namespace for event in events)
+
+
+def test_the_crds_of_infra_install_and_serve_their_kinds(kube_cluster, kube_crds, kube_namespace) -> None:
+    assert "certificates.cert-manager.io" in kube_crds
+    kube_cluster.put_object({"apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+                             "metadata": {"name": "c", "namespace": kube_namespace},
+                             "spec": {"secretName": "c-tls", "dnsNames": ["onto.test"],
+                                      "issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}}})
+    assert kube_cluster.get_object("cert-manager.io/v1", "Certificate", "c", kube_namespace)

@@ -1,0 +1,206 @@
+"""infra/dagster/rbac.yaml is exactly what the code sent to a real API server during the tests.
+
+Every Kubernetes test runs the code as the ServiceAccounts of rbac.yaml
+against the session's kube-apiserver (tests/fixtures/kube_server.py), whose
+audit log records each request with RBAC's decision. This module runs last
+(tests/conftest.py moves it to the end) and reads that log:
+
+- nothing the code sent was refused, except the refusals that tests provoke
+  on purpose (their clients say so in their User-Agent, EXPECTED_REFUSAL);
+  a refusal the code swallowed would otherwise go unseen;
+- every (group, resource, verb[, namespace]) that a rule grants was used by
+  some request, so the roles hold nothing the code does not need. This needs
+  the whole suite: with a selection of tests it is skipped, saying so;
+- ``bind``/``escalate`` are granted by name, for exactly the roles the
+  layers ship (those are internal checks of the server, not requests, so
+  they are compared with the layer manifests instead of the log).
+
+When a rule is missing or unused, the failure prints the rules derived from
+the log (:func:`derived_rules`) to paste into rbac.yaml.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+
+from ops_platform.manifests import load_layer_manifests
+from ops_platform.spec import load_spec
+from tests.fixtures import FULL_SUITE
+from tests.fixtures.kube_server import EXPECTED_REFUSAL, RBAC_FILE, KubeCluster
+
+RBAC_GROUP = "rbac.authorization.k8s.io"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One (group, resource, verb) a rule gives, cluster-wide (namespace None) or in one namespace."""
+
+    group: str
+    resource: str
+    verb: str
+    namespace: str | None = None
+    name: str | None = None
+
+    def covers(self, call: Call) -> bool:
+        return ((self.group, self.resource, self.verb) == (call.group, call.resource, call.verb)
+                and self.namespace in (None, call.namespace)
+                and self.name in (None, call.name))
+
+
+@dataclass(frozen=True)
+class Call:
+    group: str
+    resource: str
+    verb: str
+    namespace: str | None
+    name: str | None
+
+
+def rbac_documents() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(RBAC_FILE.read_text()) if doc]
+
+
+def grants_of(service_account: str, documents: list[dict[str, Any]]) -> dict[Grant, str]:
+    """Every grant of the roles bound to ``service_account``, with the role that gives it."""
+    roles = {(doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"]): doc
+             for doc in documents if doc["kind"] in ("Role", "ClusterRole")}
+    grants: dict[Grant, str] = {}
+    for binding in documents:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if not any(subject.get("kind") == "ServiceAccount" and subject.get("name") == service_account
+                   for subject in binding.get("subjects") or []):
+            continue
+        namespace = binding["metadata"].get("namespace")  # None for a ClusterRoleBinding
+        ref = binding["roleRef"]
+        role = roles[(ref["kind"], namespace if ref["kind"] == "Role" else None, ref["name"])]
+        for rule in role.get("rules") or []:
+            for group in rule.get("apiGroups") or []:
+                for resource in rule.get("resources") or []:
+                    for verb in rule["verbs"]:
+                        for name in rule.get("resourceNames") or [None]:
+                            grants[Grant(group, resource, verb, namespace, name)] = role["metadata"]["name"]
+    return grants
+
+
+def service_accounts(documents: list[dict[str, Any]]) -> list[str]:
+    return [doc["metadata"]["name"] for doc in documents if doc["kind"] == "ServiceAccount"]
+
+
+def calls_of(events: Iterable[dict[str, Any]]) -> list[tuple[Call, dict[str, Any]]]:
+    calls = []
+    for event in events:
+        ref = event.get("objectRef")
+        if not ref:  # a non-resource URL (discovery)
+            continue
+        resource = ref.get("resource", "")
+        if ref.get("subresource"):
+            resource += "/" + ref["subresource"]
+        calls.append((Call(ref.get("apiGroup", ""), resource, event["verb"], ref.get("namespace"),
+                           ref.get("name")), event))
+    return calls
+
+
+def refused(event: dict[str, Any]) -> bool:
+    decision = (event.get("annotations") or {}).get("authorization.k8s.io/decision")
+    if decision is not None:
+        return decision == "forbid"
+    return (event.get("responseStatus") or {}).get("code") == 403
+
+
+def derived_rules(calls: Iterable[Call]) -> list[dict[str, Any]]:
+    """ClusterRole rules for ``calls``: one rule per (group, verbs), resources sorted."""
+    verbs_of: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for call in calls:
+        verbs_of[(call.group, call.resource)].add(call.verb)
+    grouped: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
+    for (group, resource), verbs in verbs_of.items():
+        grouped[(group, tuple(sorted(verbs)))].append(resource)
+    return [{"apiGroups": [group], "resources": sorted(resources), "verbs": list(verbs)}
+            for (group, verbs), resources in sorted(grouped.items())]
+
+
+# --- what does not need the log ----------------------------------------------------------------
+
+
+def test_no_rule_grants_a_wildcard() -> None:
+    for doc in rbac_documents():
+        for rule in doc.get("rules") or []:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(field, []), (doc["metadata"]["name"], rule)
+            assert "nonResourceURLs" not in rule
+
+
+def test_bind_and_escalate_only_for_the_roles_the_layers_ship() -> None:
+    shipped: dict[str, set[str]] = {"clusterroles": set(), "roles": set()}
+    for layer in load_spec().layers:
+        for obj in load_layer_manifests(layer.manifests):
+            if obj["kind"] == "ClusterRole":
+                shipped["clusterroles"].add(obj["metadata"]["name"])
+            elif obj["kind"] == "Role":
+                shipped["roles"].add(obj["metadata"]["name"])
+    granted: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for account in service_accounts(rbac_documents()):
+        for grant in grants_of(account, rbac_documents()):
+            if grant.group == RBAC_GROUP and grant.verb in ("bind", "escalate"):
+                assert grant.name is not None, f"{account} may {grant.verb} any {grant.resource}"
+                granted[(account, grant.resource, grant.verb)].add(grant.name)
+    assert granted == {
+        ("ops-platform-infra", resource, verb): names
+        for resource, names in shipped.items() if names for verb in ("bind", "escalate")
+    }
+
+
+def test_only_the_infra_identity_writes_rbac_crds_or_secrets_cluster_wide() -> None:
+    documents = rbac_documents()
+    narrow = grants_of("ops-platform", documents)
+    writes = {"create", "patch", "update", "delete", "bind", "escalate"}
+    assert not [g for g in narrow if g.group == RBAC_GROUP and g.verb in writes]
+    assert not [g for g in narrow if g.resource == "customresourcedefinitions" and g.verb in writes]
+    assert not [g for g in narrow if g.resource == "secrets" and g.verb in writes and g.namespace is None]
+
+
+# --- what the log says -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logged(kube_cluster: KubeCluster) -> dict[str, list[tuple[Call, dict[str, Any]]]]:
+    return {account: calls_of(kube_cluster.audit_events(kube_cluster.identity(account).username))
+            for account in service_accounts(rbac_documents())}
+
+
+def test_nothing_the_code_sent_was_refused(logged: dict[str, list[tuple[Call, dict[str, Any]]]]) -> None:
+    unexpected = sorted(
+        {(account, call.verb, call.group, call.resource, call.namespace or "")
+         for account, calls in logged.items() for call, event in calls
+         if refused(event) and EXPECTED_REFUSAL not in event.get("userAgent", "")})
+    assert not unexpected, (
+        "the API server refused calls of the code (add the rules, see derived_rules):\n"
+        + "\n".join(map(str, unexpected)))
+
+
+def test_every_grant_was_used_by_a_test(request: pytest.FixtureRequest,
+                                        logged: dict[str, list[tuple[Call, dict[str, Any]]]]) -> None:
+    if not request.config.stash.get(FULL_SUITE, False):
+        pytest.skip("only the whole suite shows that every rule is used; this run selected tests")
+    documents = rbac_documents()
+    unused: list[str] = []
+    for account, calls in logged.items():
+        allowed = [call for call, event in calls if not refused(event)]
+        for grant, role in grants_of(account, documents).items():
+            if grant.verb in ("bind", "escalate"):
+                continue  # checked against the layers above
+            if not any(grant.covers(call) for call in allowed):
+                unused.append(f"{role}: {grant.verb} {grant.group or 'core'}/{grant.resource}"
+                              + (f" in {grant.namespace}" if grant.namespace else ""))
+        derived = yaml.safe_dump(derived_rules(call for call in allowed), sort_keys=False)
+        if unused:
+            print(f"rules derived from the log for {account}:\n{derived}")
+    assert not unused, "rbac.yaml grants what no test used:\n" + "\n".join(sorted(unused))
+
