@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "compliance": "run the compliance controls over manifests offline (exit 1 on ERROR findings)",
+    "compliance": "run the compliance controls over manifests and Helm charts offline "
+    "(exit 1 on ERROR findings, 2 on input that could not be judged, 3 on an internal error)",
 }
 
 

@@ -563,20 +563,13 @@ def render_chart(
 
     Rendering is Helm's own (helm-python-sdk carries Helm's library), offline.
     """
-    import helm_python as helm
-
     chart_path = resolve_manifest_dir(chart_dir)
     values_file = chart_path / f"values-{environment}.yaml"
     if not values_file.is_file():
         raise ChartRenderError(
             f"chart {chart_path}: no values file for environment '{environment}' ({values_file.name})"
         )
-    merged = _deep_merge(yaml.safe_load(values_file.read_text()) or {}, values or {})
-    try:
-        with helm.Chart.load(chart_path) as chart:
-            rendered = chart.render(values=merged, name=release_name, namespace=merged.get("namespace", {}).get("name"))
-    except helm.HelmError as exc:
-        raise ChartRenderError(f"chart {chart_path} ({environment}): {exc}") from None
+    rendered = render_chart_templates(environment, values, chart_path, release_name)
     objects: list[dict[str, Any]] = []
     for template in sorted(rendered):
         for document in yaml.load_all(rendered[template], Loader=_YAML_LOADER):
@@ -585,11 +578,57 @@ def render_chart(
     return objects
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def render_chart_templates(
+    environment: str | None,
+    values: dict[str, Any] | None = None,
+    chart_dir: Path | str = CHART_DIR,
+    release_name: str = "ontology-editor",
+) -> dict[str, str]:
+    """Helm's rendering of a chart, template path (``<chart>/templates/<file>``) -> manifest text.
+
+    Values: the chart's values.yaml, then values-<environment>.yaml (none when
+    ``environment`` is None), then ``values``. The release namespace is the
+    merged ``namespace.name`` when the chart has one.
+    """
+    import helm_python as helm
+
+    chart_path = resolve_manifest_dir(chart_dir)
+    shown = f"chart {chart_path}" + (f" ({environment})" if environment else "")
+    merged = deep_merge(_values_file(chart_path / f"values-{environment}.yaml", shown) if environment else {},
+                         values or {})
+    namespace = merged.get("namespace")
+    try:
+        with helm.Chart.load(chart_path) as chart:
+            return chart.render(
+                values=merged, name=release_name,
+                namespace=namespace.get("name") if isinstance(namespace, dict) else None,
+            )
+    except helm.HelmError as exc:
+        raise ChartRenderError(f"{shown}: {exc}") from None
+
+
+def _values_file(path: Path, shown: str) -> dict[str, Any]:
+    try:
+        values = yaml.load(path.read_text(), Loader=_YAML_LOADER)
+    except OSError as exc:
+        raise ChartRenderError(f"{shown}: cannot read {path.name}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ChartRenderError(f"{shown}: {path.name}{where}: not valid YAML") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ChartRenderError(f"{shown}: {path.name} holds a {type(values).__name__}, not a mapping of values")
+    return values
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``, mappings merged key by key (as Helm merges values files)."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

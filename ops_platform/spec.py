@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -326,6 +326,9 @@ class Compliance(_Model):
     app_namespaces: list[str] = []  # besides namespaces labelled ops-platform/app-namespace=true
     admin_roles: list[str] = ["admin", "cluster-admin", "ops-platform:admin"]
     break_glass_groups: list[str] = ["ops-platform:break-glass"]
+    # Values every Helm chart is rendered with by the static check, over values.yaml and
+    # values-<env>.yaml: what a release supplies at deploy time (the image tag).
+    chart_values: dict[str, Any] = {}
 
 
 class Registry(_Model):

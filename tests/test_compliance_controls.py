@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from ops_platform.compliance.controls import CATALOGUE, audit, gatekeeper, graph, ingress, kinds_read_by, network
-from ops_platform.compliance.controls import quotas, rbac, workloads
+from ops_platform.compliance.controls import CATALOGUE, audit, availability, gatekeeper, graph, images, ingress
+from ops_platform.compliance.controls import kinds_read_by, network, quotas, rbac, workloads
+from ops_platform.compliance.controls.index import selects
 from ops_platform.compliance.evidence import (
     BackupEvidence,
     CertificateEvidence,
@@ -20,7 +21,6 @@ from ops_platform.compliance.evidence import (
     FailedRun,
     GraphEvidence,
     RestoreTestEvidence,
-    selector_matches,
 )
 from ops_platform.compliance.model import Control, ControlConfig, Outcome
 
@@ -32,7 +32,7 @@ Obj = dict[str, Any]
 
 
 def namespace(name: str, *, app: bool = True) -> Obj:
-    labels = {"ops-platform/app-namespace": "true"} if app else {}
+    labels = {"ops-platform/app-namespace": "true", "pod-security.kubernetes.io/enforce": "restricted"} if app else {}
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
 
 
@@ -40,8 +40,11 @@ def secure_container(name: str = "app", image: str = f"{REGISTRY}onto-backend-pr
     container = {
         "name": name,
         "image": image,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}},
     }
     container.update(overrides)
     return container
@@ -49,13 +52,20 @@ def secure_container(name: str = "app", image: str = f"{REGISTRY}onto-backend-pr
 
 def deployment(name: str, ns: str = "ontology-editor", *, containers: list[Obj] | None = None,
                pod_security: Obj | None = None, labels: Obj | None = None) -> Obj:
+    """Two replicas spread over zones, seccomp RuntimeDefault, no ServiceAccount token: compliant."""
     labels = labels or {"app": name}
-    pod_spec: Obj = {"containers": containers if containers is not None else [secure_container()]}
-    if pod_security is not None:
-        pod_spec["securityContext"] = pod_security
+    pod_spec: Obj = {
+        "containers": containers if containers is not None else [secure_container()],
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}, **(pod_security or {})},
+        "automountServiceAccountToken": False,
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": labels}}],
+    }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
-        "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": pod_spec}},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": pod_spec}},
     }
 
 
@@ -270,7 +280,7 @@ def test_quota_and_limit_range_per_app_namespace() -> None:
 
 def test_pdb_matched_by_selector() -> None:
     outcomes = run(
-        quotas.pdb_per_deployment,
+        availability.pdb_per_deployment,
         namespace("ontology-editor"), namespace("data"),
         deployment("backend", labels={"app": "backend", "tier": "api"}),
         deployment("frontend"),
@@ -292,7 +302,7 @@ def test_pdb_matched_by_selector() -> None:
 
 def test_hpa_matched_by_scale_target() -> None:
     outcomes = run(
-        quotas.hpa_per_deployment,
+        availability.hpa_per_deployment,
         namespace("ontology-editor"),
         deployment("backend"), deployment("frontend"), deployment("worker"),
         hpa("backend", "ontology-editor", "backend"),
@@ -308,12 +318,16 @@ def test_hpa_matched_by_scale_target() -> None:
 
 def test_selector_semantics() -> None:
     labels = {"app": "web", "tier": "front"}
-    assert selector_matches({}, labels)
-    assert not selector_matches(None, labels)
-    assert selector_matches({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, labels)
-    assert not selector_matches({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, labels)
-    assert not selector_matches({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["web"]}]}, labels)
-    assert selector_matches({"matchExpressions": [{"key": "x", "operator": "NotIn", "values": ["web"]}]}, labels)
+    assert selects({}, labels)
+    assert not selects(None, labels)
+    assert selects({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, labels)
+    assert not selects({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, labels)
+    assert not selects({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["web"]}]}, labels)
+    assert selects({"matchExpressions": [{"key": "x", "operator": "NotIn", "values": ["web"]}]}, labels)
+    # Invalid selectors (the API server refuses them) select nothing.
+    assert not selects({"matchExpressions": [{"key": "app", "operator": "In"}]}, labels)
+    assert not selects({"matchExpressions": [{"key": "app", "operator": "Matches", "values": ["w"]}]}, labels)
+    assert not selects({"matchLabels": ["app"]}, labels)
 
 
 def test_non_root_at_pod_or_container_level() -> None:
@@ -420,8 +434,8 @@ def test_resources_set_directly_or_by_limit_range_defaults() -> None:
 )
 def test_images_from_platform_registry_pinned(image: str, registry_ok: bool, pinned: bool) -> None:
     objects = [namespace("ontology-editor"), deployment("svc", containers=[secure_container(image=image)])]
-    assert run(workloads.platform_registry, *objects)["Deployment ontology-editor/svc"].passed is registry_ok
-    assert run(workloads.pinned_images, *objects)["Deployment ontology-editor/svc"].passed is pinned
+    assert run(images.platform_registry, *objects)["Deployment ontology-editor/svc"].passed is registry_ok
+    assert run(images.pinned_images, *objects)["Deployment ontology-editor/svc"].passed is pinned
 
 
 def test_any_ecr_registry_accepted_when_none_configured() -> None:
@@ -429,7 +443,7 @@ def test_any_ecr_registry_accepted_when_none_configured() -> None:
                deployment("svc", containers=[secure_container(
                    image=f"999999999999.dkr.ecr.us-east-1.amazonaws.com/x:{SHA}")]),
                deployment("hub", containers=[secure_container(image=f"docker.io/library/nginx:{SHA}")])]
-    assert verdicts(run(workloads.platform_registry, *objects, config=ControlConfig())) == {
+    assert verdicts(run(images.platform_registry, *objects, config=ControlConfig())) == {
         "Deployment ontology-editor/svc": True, "Deployment ontology-editor/hub": False}
 
 

@@ -180,8 +180,8 @@ def test_trend_against_the_previous_report() -> None:
     assert ("OPS-WL-001", "Deployment ontology-editor/a") in t.fixed_findings
     assert t.scores["OPS-WL-001"] == (0.5, 0.5)
     assert t.overall_delta == pytest.approx(0.0)
-    assert json.loads(current.to_json())["trend"]["new_findings"][0] == {"control": "OPS-WL-001",
-                                                                          "object": "Deployment ontology-editor/b"}
+    assert {"control": "OPS-WL-001", "object": "Deployment ontology-editor/b"} in json.loads(
+        current.to_json())["trend"]["new_findings"]
 
 
 @pytest.mark.parametrize(
@@ -336,7 +336,9 @@ def test_cli_fail_on_warn(tmp_path: Path, spec_file: Path) -> None:
     assert main(["--manifests", str(manifests), "--fail-on", "WARN"]) == 1
 
 
-def test_cli_skips_helm_templates(tmp_path: Path, spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_renders_helm_charts_and_judges_templated_strings(
+    tmp_path: Path, spec_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     chart = tmp_path / "infra" / "k8s" / "ontology-editor"
     (chart / "templates").mkdir(parents=True)
     (chart / "Chart.yaml").write_text("apiVersion: v2\nname: ontology-editor\nversion: 0.1.0\n")
@@ -348,10 +350,12 @@ def test_cli_skips_helm_templates(tmp_path: Path, spec_file: Path, capsys: pytes
     rules.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: rules}\ndata:\n"
                      "  summary: '{{ $labels.instance }} is down'\n")
     assert main(["--manifests", str(tmp_path / "infra")]) == 0
-    out = capsys.readouterr().out
-    assert "skipped 1 document(s): Helm template" in out
+    assert "Helm template" not in capsys.readouterr().out
     evidence = load_manifests(tmp_path / "infra")
+    assert [obj["metadata"]["name"] for obj in evidence.of("Deployment")] == ["ontology-editor"]
+    assert evidence.locations["Deployment default/ontology-editor"] == f"{chart}: templates/deployment.yaml#1"
     assert [obj["metadata"]["name"] for obj in evidence.of("ConfigMap")] == ["rules"]
+    assert evidence.locations["ConfigMap default/rules"] == f"{rules}#1 (holds {{{{ }}}}: judged as written)"
 
 
 @pytest.mark.parametrize(

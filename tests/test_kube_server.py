@@ -141,19 +141,25 @@ def test_infra_identity_cannot_make_itself_cluster_admin(kube_cluster) -> None:
         api.close()
 
 
-def test_infra_identity_may_ship_the_layers_roles(kube_cluster) -> None:
-    """onto-admin grants everything: only the resourceNames-bound escalate lets the infra identity create it."""
-    api = kube_cluster.client_for("ops-platform-infra")
+def test_infra_identity_may_ship_the_layers_roles_it_does_not_hold(kube_cluster) -> None:
+    """onto-operator grants pods/exec, which the infra identity lacks: only the resourceNames-bound escalate
+    lets it create the role; the same rules under another name are refused."""
+    def operator_role(name: str) -> dict:
+        return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+                "rules": [{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}]}
+
+    api = kube_cluster.client_for("ops-platform-infra", expect_refusals=True)
     try:
-        body = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                "metadata": {"name": "onto-admin"},
-                "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}
-        client.RbacAuthorizationV1Api(api).patch_cluster_role(
-            "onto-admin", body, field_manager="ops-platform", _content_type="application/apply-patch+yaml")
-        assert kube_cluster.get_object("rbac.authorization.k8s.io/v1", "ClusterRole", "onto-admin")
+        rbac = client.RbacAuthorizationV1Api(api)
+        rbac.patch_cluster_role("onto-operator", operator_role("onto-operator"), field_manager="ops-platform",
+                                _content_type="application/apply-patch+yaml")
+        assert kube_cluster.get_object("rbac.authorization.k8s.io/v1", "ClusterRole", "onto-operator")
+        assert _forbidden(lambda: rbac.patch_cluster_role(
+            "renamed-operator", operator_role("renamed-operator"), field_manager="ops-platform",
+            _content_type="application/apply-patch+yaml")) == 403
     finally:
         api.close()
-        kube_cluster.delete_object("rbac.authorization.k8s.io/v1", "ClusterRole", "onto-admin")
+        kube_cluster.delete_object("rbac.authorization.k8s.io/v1", "ClusterRole", "onto-operator")
 
 
 def test_audit_log_records_what_an_identity_sent(kube_cluster, kube_namespace) -> None:

@@ -302,7 +302,12 @@ def test_every_custom_kind_the_layers_use_has_its_crd(all_objects):
 
 def test_gatekeeper_constraint_crds_are_the_ones_gatekeeper_generates(layers):
     templates = [d.obj for d in layers["governance"] if d.obj["kind"] == "ConstraintTemplate"]
-    assert {t["metadata"]["name"] for t in templates} == {"k8srequiredlabels", "k8sallowedrepos", "k8sdisallowedtags"}
+    assert {t["metadata"]["name"] for t in templates} == {
+        "k8srequiredlabels", "k8sallowedrepos", "k8sdisallowedtags",
+        # The PSS restricted set, enforced in the app namespace (infra plan §6.4).
+        "k8spsshostnamespaces", "k8spssprivilegedcontainers", "k8spssvolumetypes", "k8spsshostports",
+        "k8spsscapabilities", "k8spssallowprivilegeescalation", "k8spssrunasnonroot", "k8spssseccomp",
+    }
     for template in templates:
         kept = CRD_SCHEMA_DIR / "constraints.gatekeeper.sh" / f"{template['metadata']['name']}.yaml"
         assert kept.is_file(), f"{kept} is missing: write ops_platform.manifests.constraint_crd(template) there"
@@ -535,18 +540,19 @@ def test_storage_classes_of_the_plan(all_objects):
     assert used <= set(classes)
 
 
-def test_rbac_roles_are_bound_to_groups_and_only_admin_has_wildcards(all_objects):
+def test_rbac_roles_are_bound_to_groups_and_none_has_wildcards(all_objects):
+    """Break-glass admin is an EKS access policy (Terraform), never a role the layers ship."""
     roles = {r["metadata"]["name"]: r for r in find(all_objects, "ClusterRole")}
-    assert {"onto-developer", "onto-operator", "onto-admin"} <= set(roles)
+    assert {"onto-developer", "onto-operator"} <= set(roles)
     for name, role in roles.items():
         wildcard = any("*" in rule.get("verbs", []) or "*" in rule.get("resources", []) for rule in role["rules"])
-        assert wildcard == (name == "onto-admin"), name
+        assert not wildcard, name
         if name in ("onto-developer", "onto-operator"):
             assert not any("secrets" in rule.get("resources", []) for rule in role["rules"]), name
     bindings = find(all_objects, "ClusterRoleBinding") + find(all_objects, "RoleBinding")
     bound = {(b["roleRef"]["name"], s["name"]) for b in bindings for s in b["subjects"] if s["kind"] == "Group"}
     assert bound == {
-        ("onto-developer", "onto:developers"), ("onto-operator", "onto:operators"), ("onto-admin", "onto:admins"),
+        ("onto-developer", "onto:developers"), ("onto-operator", "onto:operators"),
     }
     developer_bindings = [b for b in find(all_objects, "RoleBinding") if b["roleRef"]["name"] == "onto-developer"]
     assert sorted(b["metadata"]["namespace"] for b in developer_bindings) == sorted(APP_NAMESPACES)

@@ -298,6 +298,10 @@ def build_compliance_assets(spec: Spec, *, clock: Clock = utc_now) -> list[dg.As
             raise failure(REPORT_FAILED, error) from None
         errors = result.open_findings("ERROR")
         open_errors = len(errors)
+        # Manifests that could not be read leave holes in the report: it must not pass.
+        not_judged = "; ".join(str(problem) for problem in result.input_problems[:5])
+        unjudged_note = (f"; {len(result.input_problems)} input problem(s), not judged: {not_judged}"
+                         if result.input_problems else "")
         yield dg.MaterializeResult(
             metadata={
                 "evidence": evidence.source,
@@ -310,10 +314,10 @@ def build_compliance_assets(spec: Spec, *, clock: Clock = utc_now) -> list[dg.As
             },
             check_results=[dg.AssetCheckResult(
                 check_name=NO_ERROR_FINDINGS,
-                passed=open_errors == 0,
+                passed=open_errors == 0 and not result.input_problems,
                 description=(f"{open_errors} open ERROR finding(s): "
                              + ", ".join(sorted({f.control_id for f in errors}))
-                             if errors else "no open ERROR finding"),
+                             if errors else "no open ERROR finding") + unjudged_note,
                 metadata={
                     "open_errors": dg.MetadataValue.int(open_errors),
                     "open_error_findings": dg.MetadataValue.table(

@@ -85,7 +85,10 @@ class Control:
 
     ``requirement`` is the seed requirement the control proves (section of the
     infra plan or InfraSpec, and its requirement numbers); ``framework`` the
-    CIS id where one exists; ``evidence`` the kinds of evidence it can judge;
+    CIS id where one exists; ``source`` the other public standard or policy
+    checker it follows, with the field it reads (``"PSS baseline:
+    spec.hostNetwork"``, ``"kube-linter no-read-only-root-fs"``), where one
+    exists; ``evidence`` the kinds of evidence it can judge;
     ``reads`` the object kinds it reads, which the cluster collector lists.
     ``check`` is None only for controls that report.evaluate computes from
     something else than evidence (the expired-exception control).
@@ -100,6 +103,7 @@ class Control:
     evidence: frozenset[EvidenceKind]
     reads: tuple[str, ...] = ()
     check: CheckFunction | None = field(default=None, compare=False, repr=False)
+    source: str | None = None
 
     def applies_to(self, evidence_kinds: Iterable[str]) -> bool:
         return self.check is not None and bool(self.evidence & set(evidence_kinds))
@@ -115,6 +119,7 @@ def control(
     remediation: str,
     evidence: Iterable[EvidenceKind],
     reads: Iterable[str] = (),
+    source: str | None = None,
 ) -> Callable[[CheckFunction], Control]:
     """Make a check function a :class:`Control` of the catalogue."""
 
@@ -129,6 +134,7 @@ def control(
             evidence=frozenset(evidence),
             reads=tuple(reads),
             check=check,
+            source=source,
         )
 
     return wrap

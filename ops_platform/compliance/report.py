@@ -9,18 +9,33 @@ renders as JSON (machine-readable, versioned by ``schema_version``), HTML
 (self-contained, for people), Markdown (bounded, for the Dagster UI) and text
 (for the CLI); :func:`store_report` and :func:`latest_report_json` keep them in
 the object store.
+
+A control that raises on an object it does not expect (a shape it was not
+written for) does not sink the report: :func:`evaluate` finds the object
+that makes it raise, fails it with the reason (a :class:`ControlFault`, also
+listed apart) and judges the others. A control that raises whatever the
+objects is a bug of ours: :class:`ControlFailed`.
 """
 
 from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ops_platform.compliance.evidence import Evidence, SkippedDocument
+from ops_platform.compliance.evidence import (
+    CONSTRAINTS,
+    Evidence,
+    InputProblem,
+    Obj,
+    SkippedDocument,
+    collector_paused,
+    ref,
+)
 from ops_platform.compliance.exceptions import EXPIRED_EXCEPTION, ExceptionsFile
 from ops_platform.compliance.model import (
     CIS_BENCHMARK,
@@ -39,6 +54,26 @@ SCHEMA = "ops-platform/compliance-report"
 SCHEMA_VERSION = 1
 REPORTS_PREFIX = "compliance/reports"
 EXPIRY_WARNING_DAYS = 14
+MAX_FAULTS_PER_CONTROL = 10
+"""Objects a control may fail on before it is taken for broken (each costs a bisection of the evidence)."""
+
+
+class ControlFailed(Exception):
+    """A control raised whatever the objects (or on too many of them): a bug of the control, not of the input."""
+
+
+@dataclass(frozen=True)
+class ControlFault:
+    """A control raised on one object: the object is reported failing with the reason, the others judged."""
+
+    control_id: str
+    object: str
+    reason: str
+    location: str | None = None
+
+    def __str__(self) -> str:
+        where = f" [{self.location}]" if self.location else ""
+        return f"{self.control_id} could not judge {self.object}{where}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +117,10 @@ class Report:
     unused_exceptions: list[str] = field(default_factory=list)
     skipped: list[SkippedDocument] = field(default_factory=list)
     trend: Trend | None = None
+    input_problems: list[InputProblem] = field(default_factory=list)
+    """Input that could not be judged (malformed YAML, unreadable file, a chart that does not render):
+    the report covers the rest only."""
+    control_faults: list[ControlFault] = field(default_factory=list)
 
     @property
     def overall_score(self) -> float | None:
@@ -115,6 +154,7 @@ class Report:
                 severity: sum(1 for r in self.results for f in r.findings if f.open and f.severity == severity)
                 for severity in SEVERITIES
             },
+            "input_problems": len(self.input_problems),
         }
 
     def to_dict(self, *, include_passing: bool = False) -> dict[str, Any]:
@@ -137,6 +177,14 @@ class Report:
             "findings": findings,
             "exceptions": {"source": self.exceptions_source, "unused": self.unused_exceptions},
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+            "input_problems": [
+                {"path": p.path, "document": p.document, "line": p.line, "column": p.column, "reason": p.reason}
+                for p in self.input_problems
+            ],
+            "control_faults": [
+                {"control": f.control_id, "object": f.object, "location": f.location, "reason": f.reason}
+                for f in self.control_faults
+            ],
             "trend": self.trend.to_dict() if self.trend else None,
         }
 
@@ -150,7 +198,16 @@ class Report:
         return _html(self)
 
     def to_text(self, *, max_failures: int | None = None) -> str:
-        return _text(self, max_failures)
+        return "\n".join(_text_lines(self, max_failures))
+
+    def write_text(self, out: TextIO, *, max_failures: int | None = None) -> None:
+        """The text report line by line (a report of a million findings is never one string)."""
+        out.writelines(line + "\n" for line in _text_lines(self, max_failures))
+
+    def write_json(self, out: TextIO, *, include_passing: bool = False) -> None:
+        """:meth:`to_json`, written as it is encoded."""
+        json.dump(self.to_dict(include_passing=include_passing), out, indent=1, ensure_ascii=False)
+        out.write("\n")
 
 
 def evaluate(
@@ -164,7 +221,9 @@ def evaluate(
 ) -> Report:
     """Run every control that applies to the evidence, apply the exceptions, score.
 
-    ``now`` (timezone-aware) decides which exceptions have expired.
+    ``now`` (timezone-aware) decides which exceptions have expired. Evidence
+    with charts rendered for several environments is judged once per
+    environment (see :func:`_merged_views`).
     """
     if now.tzinfo is None:
         raise ValueError("compliance: evaluate needs a timezone-aware now")
@@ -173,19 +232,23 @@ def evaluate(
     active = [(i, e) for i, e in enumerate(exceptions.entries) if not e.expired(now)]
     used: set[int] = set()
     results: list[ControlResult] = []
+    faults: list[ControlFault] = []
+    views: list[tuple[str | None, Evidence]] = [
+        (environment, evidence.for_environment(environment)) for environment in sorted(evidence.environments)
+    ] or [(None, evidence)]
     run_expired_control = False
-    for control in controls:
-        if control is EXPIRED_EXCEPTION or control.id == EXPIRED_EXCEPTION.id:
-            run_expired_control = True
-            continue
-        if not control.applies_to(evidence.kinds):
-            continue
-        assert control.check is not None
-        findings = tuple(
-            _finding(control, outcome, active, used, exceptions, evidence)
-            for outcome in control.check(evidence, config)
-        )
-        results.append(ControlResult(control, findings, None if findings else _why_empty(control, evidence)))
+    with collector_paused():
+        for control in controls:
+            if control is EXPIRED_EXCEPTION or control.id == EXPIRED_EXCEPTION.id:
+                run_expired_control = True
+                continue
+            if not control.applies_to(evidence.kinds):
+                continue
+            findings = _merged_views([
+                (environment, _judge(control, view, config, active, used, exceptions, faults))
+                for environment, view in views
+            ])
+            results.append(ControlResult(control, findings, None if findings else _why_empty(control, evidence)))
     if run_expired_control:
         results.append(_expired_exceptions(exceptions, now))
     report = Report(
@@ -196,10 +259,123 @@ def evaluate(
         exceptions_source=exceptions.source,
         unused_exceptions=[exceptions.label(i) for i, _ in active if i not in used],
         skipped=list(evidence.skipped),
+        input_problems=list(evidence.input_problems),
+        control_faults=list(dict.fromkeys(faults)),
     )
     if previous_report_json is not None:
         report.trend = trend(report, previous_report_json)
     return report
+
+
+def _merged_views(per_environment: list[tuple[str | None, tuple[Finding, ...]]]) -> tuple[Finding, ...]:
+    """One control's findings over each environment's view, as one list.
+
+    An object judged the same in every environment is reported once; one that
+    a chart rendered for one environment is already named ``...@<env>``; any
+    other (a shared object judged differently, or only in some environments,
+    because of what the charts add) once per environment, named ``...@<env>``.
+    """
+    if len(per_environment) == 1:
+        return per_environment[0][1]
+    by_object: dict[str, dict[str | None, list[Finding]]] = {}
+    for environment, findings in per_environment:
+        for finding in findings:
+            by_object.setdefault(finding.object, {}).setdefault(environment, []).append(finding)
+    merged: list[Finding] = []
+    for subject, by_environment in by_object.items():
+        variants = list(by_environment.values())
+        same_everywhere = len(variants) == len(per_environment) and all(v == variants[0] for v in variants)
+        rendered_for_one = len(variants) == 1 and subject.endswith(f"@{next(iter(by_environment))}")
+        if same_everywhere or rendered_for_one:
+            merged += variants[0]
+        else:
+            merged += [replace(f, object=f"{subject}@{environment}")
+                       for environment, findings in by_environment.items() for f in findings]
+    return tuple(merged)
+
+
+def _judge(
+    control: Control,
+    evidence: Evidence,
+    config: ControlConfig,
+    active: Sequence[tuple[int, Any]],
+    used: set[int],
+    exceptions: ExceptionsFile,
+    faults: list[ControlFault],
+) -> tuple[Finding, ...]:
+    """The control's findings; when it raises, those of every object but the ones it raises on, which fail."""
+    assert control.check is not None
+    try:
+        return tuple(
+            _finding(control, outcome, active, used, exceptions, evidence)
+            for outcome in control.check(evidence, config)
+        )
+    except Exception as exc:  # noqa: BLE001 - isolated below, or raised as ControlFailed
+        culprits, outcomes = _isolate(control, evidence, config, exc)
+    faults += culprits
+    outcomes += [Outcome(fault.object, False, f"not judged: {fault.reason}") for fault in culprits]
+    return tuple(_finding(control, outcome, active, used, exceptions, evidence) for outcome in outcomes)
+
+
+def _isolate(
+    control: Control, evidence: Evidence, config: ControlConfig, error: Exception
+) -> tuple[list[ControlFault], list[Outcome]]:
+    """The objects the control raises on, and its outcomes without them.
+
+    Each is found by bisection: the shortest prefix of the objects the control
+    reads (other kinds kept whole) on which it raises ends with one. It is
+    left out and the control run again, until it runs clean.
+    """
+    assert control.check is not None
+    check = control.check
+    candidates = [
+        obj
+        for kind in dict.fromkeys(control.reads or evidence.objects)
+        for obj in (evidence.constraints() if kind == CONSTRAINTS else evidence.of(kind))
+    ]
+    read = {id(obj) for obj in candidates}
+    left_out: set[int] = set()
+    faults: list[ControlFault] = []
+
+    def run(prefix: list[Obj] | None) -> tuple[list[Outcome], Exception | None]:
+        """The control over the evidence, of the objects it reads only ``prefix`` (None: all but those left out)."""
+        allowed = None if prefix is None else {id(obj) for obj in prefix}
+        restricted = _restricted(evidence, lambda obj: id(obj) not in left_out and (
+            allowed is None or id(obj) not in read or id(obj) in allowed))
+        try:
+            return list(check(restricted, config)), None
+        except Exception as exc:  # noqa: BLE001
+            return [], exc
+
+    while True:
+        if len(faults) == MAX_FAULTS_PER_CONTROL or run([])[1] is not None:
+            raise ControlFailed(
+                f"control {control.id} raised {type(error).__name__}: {error}"
+                + (f" (after failing on {len(faults)} objects)" if faults else ", whatever the objects")
+            ) from error
+        low, high = 0, len(candidates)  # it raises on candidates[:high] (with ``error``), not on [:low]
+        while high - low > 1:
+            middle = (low + high) // 2
+            middle_error = run(candidates[:middle])[1]
+            if middle_error is not None:
+                high, error = middle, middle_error
+            else:
+                low = middle
+        culprit = candidates.pop(high - 1)
+        left_out.add(id(culprit))
+        subject = ref(culprit)
+        reason = f"the control cannot read this object ({type(error).__name__}: {error}); check its shape"
+        faults.append(ControlFault(control.id, subject, reason, evidence.locations.get(subject)))
+        outcomes, next_error = run(None)
+        if next_error is None:
+            return faults, outcomes
+        error = next_error
+
+
+def _restricted(evidence: Evidence, keep: Any) -> Evidence:
+    """A copy of the evidence holding only the objects ``keep(obj)`` accepts (same facts, fresh indexes)."""
+    objects = {kind: [obj for obj in objs if keep(obj)] for kind, objs in evidence.objects.items()}
+    return replace(evidence, objects=objects, _index={})
 
 
 def _finding(
@@ -212,7 +388,7 @@ def _finding(
 ) -> Finding:
     finding = Finding(
         control_id=control.id,
-        object=outcome.object,
+        object=sys.intern(outcome.object),  # one string per object, whatever the number of controls
         passed=outcome.passed,
         message=outcome.message,
         remediation=control.remediation,
@@ -378,6 +554,10 @@ def _markdown(report: Report, max_failures: int, max_chars: int) -> str:
         f"{summary['objects']} objects judged by {summary['controls']} controls; open findings: {open_counts}; "
         f"{summary['excepted']} excepted.",
     ]
+    if report.input_problems:
+        shown = "; ".join(_md_cell(str(problem))[:200] for problem in report.input_problems[:3])
+        more = f" and {len(report.input_problems) - 3} more" if len(report.input_problems) > 3 else ""
+        lines.append(f"**{len(report.input_problems)} input problem(s), not judged**: {shown}{more}.")
     if report.trend and report.trend.problem is None:
         delta = report.trend.overall_delta
         shown = "n/a" if delta is None else f"{delta * 100:+.1f} points"
@@ -495,6 +675,14 @@ def _html(report: Report) -> str:
         parts.append("<h2>Exceptions that excused nothing</h2><ul>")
         parts += [f"<li>{e(label)}</li>" for label in report.unused_exceptions]
         parts.append("</ul>")
+    if report.input_problems:
+        parts.append(f"<h2>Input problems ({len(report.input_problems)}): not judged</h2><ul>")
+        parts += [f"<li>{e(str(problem))}</li>" for problem in report.input_problems]
+        parts.append("</ul>")
+    if report.control_faults:
+        parts.append(f"<h2>Objects a control could not read ({len(report.control_faults)})</h2><ul>")
+        parts += [f"<li>{e(str(fault))}</li>" for fault in report.control_faults]
+        parts.append("</ul>")
     if report.skipped:
         parts.append(f"<h2>Skipped documents ({len(report.skipped)})</h2><ul>")
         parts += [f"<li><code>{e(s.path)}</code>: {e(s.reason)}</li>" for s in report.skipped]
@@ -503,32 +691,35 @@ def _html(report: Report) -> str:
     return "\n".join(parts)
 
 
-def _text(report: Report, max_failures: int | None) -> str:
+def _text_lines(report: Report, max_failures: int | None) -> Iterator[str]:
     summary = report.summary()
-    lines = [
+    yield (
         f"compliance: {report.source} ({', '.join(report.evidence_kinds)}), overall {_percent(report.overall_score)}, "
         f"{summary['objects']} objects, {summary['failed']} failing, {summary['excepted']} excepted"
-    ]
+    )
     failures = report.open_findings()
     for finding in failures[:max_failures]:
         where = f" [{finding.location}]" if finding.location else ""
-        lines.append(f"{finding.severity:5} {finding.control_id} {finding.object}: {finding.message}{where}")
+        yield f"{finding.severity:5} {finding.control_id} {finding.object}: {finding.message}{where}"
     if max_failures is not None and len(failures) > max_failures:
-        lines.append(f"... {len(failures) - max_failures} more failing objects")
-    lines.append("")
+        yield f"... {len(failures) - max_failures} more failing objects"
+    yield ""
     for result in report.results:
         note = f" ({result.note})" if result.note else ""
-        lines.append(
+        yield (
             f"{_percent(result.score):>6}  {result.control.id:15} {result.control.severity:5} "
             f"{result.failed:>5} failing {result.excepted:>3} excepted  {result.control.title}{note}"
         )
         if result.failed:
-            lines.append(f"{'':8}fix: {result.control.remediation}")
+            yield f"{'':8}fix: {result.control.remediation}"
     for label in report.unused_exceptions:
-        lines.append(f"note: exception {label} excused nothing")
+        yield f"note: exception {label} excused nothing"
     skipped_by_reason: dict[str, int] = {}
     for skipped in report.skipped:
         skipped_by_reason[skipped.reason] = skipped_by_reason.get(skipped.reason, 0) + 1
     for reason, count in sorted(skipped_by_reason.items()):
-        lines.append(f"skipped {count} document(s): {reason}")
-    return "\n".join(lines)
+        yield f"skipped {count} document(s): {reason}"
+    for fault in report.control_faults:
+        yield f"control fault: {fault}"
+    for problem in report.input_problems:
+        yield f"input problem: {problem}"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ops_platform.compliance.evidence import Evidence, Obj, containers, labels_of, namespace_of, pod_spec, ref
+from ops_platform.compliance.controls.pods import pod_template
+from ops_platform.compliance.controls.shapes import ShapeError, labels, sequence
+from ops_platform.compliance.evidence import Evidence, Obj, namespace_of, ref
 from ops_platform.compliance.model import ControlConfig, Outcome, control
 
 AUDIT_REF = "Cluster audit-logging"
@@ -19,9 +21,13 @@ AUDIT_REF = "Cluster audit-logging"
 def apiserver_flags(pod: Obj) -> dict[str, str]:
     """``--name=value`` and ``--name value`` flags of the kube-apiserver container."""
     flags: dict[str, str] = {}
-    for container in containers(pod_spec(pod)):
-        tokens = [str(token) for token in (container.get("command") or []) + (container.get("args") or [])]
-        if not any("kube-apiserver" in token for token in tokens) and container.get("name") != "kube-apiserver":
+    for container in pod_template(pod).of():
+        try:
+            command = sequence(container.spec.get("command"), "command") + sequence(container.spec.get("args"), "args")
+        except ShapeError:
+            continue
+        tokens = [str(token) for token in command]
+        if not any("kube-apiserver" in token for token in tokens) and container.spec.get("name") != "kube-apiserver":
             continue
         for position, token in enumerate(tokens):
             if not token.startswith("--"):
@@ -33,11 +39,18 @@ def apiserver_flags(pod: Obj) -> dict[str, str]:
     return flags
 
 
+def _component(pod: Obj) -> str | None:
+    try:
+        return labels(pod).get("component")
+    except ShapeError:
+        return None
+
+
 def _apiserver_pods(evidence: Evidence) -> list[Obj]:
     return [
         pod
         for pod in evidence.of("Pod")
-        if namespace_of(pod) == "kube-system" and labels_of(pod).get("component") == "kube-apiserver"
+        if namespace_of(pod) == "kube-system" and _component(pod) == "kube-apiserver"
     ]
 
 

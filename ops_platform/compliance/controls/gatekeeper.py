@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ops_platform.compliance.evidence import CONSTRAINTS, Evidence, ref
+from ops_platform.compliance.controls.shapes import judge_each, mapping, mappings, text
+from ops_platform.compliance.evidence import CONSTRAINTS, Evidence, Obj, ref
 from ops_platform.compliance.model import ControlConfig, Outcome, control
 
 GATEKEEPER_REF = "Cluster gatekeeper"
+
+
+def _action(constraint: Obj) -> str:
+    spec = constraint.get("spec")
+    action = spec.get("enforcementAction") if isinstance(spec, dict) else None
+    return str(action or "deny")
 
 
 @control(
@@ -32,7 +39,7 @@ def gatekeeper_enforcing(evidence: Evidence, config: ControlConfig) -> Iterator[
         )
         return
     constraints = evidence.constraints()
-    enforcing = [c for c in constraints if ((c.get("spec") or {}).get("enforcementAction") or "deny") == "deny"]
+    enforcing = [c for c in constraints if _action(c) == "deny"]
     unserved = sorted(kind for kind, why in evidence.not_installed.items() if "ConstraintTemplate" in why)
     if not enforcing:
         yield Outcome(GATEKEEPER_REF, False, f"{len(constraints)} constraint(s), none with enforcementAction deny")
@@ -54,23 +61,22 @@ def gatekeeper_enforcing(evidence: Evidence, config: ControlConfig) -> Iterator[
     reads=("ConstraintTemplate", CONSTRAINTS),
 )
 def no_constraint_violations(evidence: Evidence, config: ControlConfig) -> Iterator[Outcome]:
-    for constraint in evidence.constraints():
-        status = constraint.get("status") or {}
+    def judge(constraint: Obj) -> Outcome:
+        status = mapping(constraint.get("status"), "status")
         total = status.get("totalViolations")
-        action = (constraint.get("spec") or {}).get("enforcementAction") or "deny"
+        action = _action(constraint)
         if total is None:
-            yield Outcome(
-                ref(constraint), False, "no status.totalViolations: Gatekeeper's audit has not reported on it"
-            )
-        elif total:
-            shown = [
-                f"{v.get('kind')} {v.get('namespace') + '/' if v.get('namespace') else ''}{v.get('name')}"
-                for v in (status.get("violations") or [])[:3]
-            ]
+            return Outcome(ref(constraint), False, "no status.totalViolations: Gatekeeper's audit has not reported on it")
+        if total:
+            shown = []
+            for violation in mappings(status.get("violations"), "status.violations")[:3]:
+                namespace = text(violation.get("namespace"), "violation namespace")
+                shown.append(f"{violation.get('kind')} {namespace + '/' if namespace else ''}{violation.get('name')}")
             more = f" (e.g. {', '.join(shown)})" if shown else ""
-            yield Outcome(ref(constraint), False, f"{total} violation(s), enforcementAction {action}{more}")
-        else:
-            yield Outcome(ref(constraint), True, f"0 violations at audit {status.get('auditTimestamp', '?')}")
+            return Outcome(ref(constraint), False, f"{total} violation(s), enforcementAction {action}{more}")
+        return Outcome(ref(constraint), True, f"0 violations at audit {status.get('auditTimestamp', '?')}")
+
+    return judge_each(evidence.constraints(), judge)
 
 
 CONTROLS = [gatekeeper_enforcing, no_constraint_violations]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ops_platform.compliance.evidence import Evidence, ref
+from ops_platform.compliance.controls.shapes import judge_each, mapping, mappings, strings, text
+from ops_platform.compliance.evidence import Evidence, Obj, ref
 from ops_platform.compliance.model import ControlConfig, Outcome, control
 
 
@@ -32,19 +33,22 @@ def host_covered(host: str, tls_hosts: list[str]) -> bool:
     reads=("Ingress",),
 )
 def tls_on_every_ingress(evidence: Evidence, config: ControlConfig) -> Iterator[Outcome]:
-    for ingress in evidence.of("Ingress"):
-        spec = ingress.get("spec") or {}
-        tls = spec.get("tls") or []
+    def judge(ingress: Obj) -> Outcome:
+        spec = mapping(ingress.get("spec"), "spec")
+        tls = mappings(spec.get("tls"), "spec.tls")
         if not tls:
-            yield Outcome(ref(ingress), False, "no spec.tls: served over plain HTTP")
-            continue
-        tls_hosts = [host for entry in tls for host in entry.get("hosts") or []]
-        hosts = sorted({rule["host"] for rule in spec.get("rules") or [] if rule.get("host")})
+            return Outcome(ref(ingress), False, "no spec.tls: served over plain HTTP")
+        tls_hosts = [host for i, entry in enumerate(tls) for host in strings(entry.get("hosts"), f"spec.tls[{i}].hosts")]
+        hosts = sorted({
+            host for i, rule in enumerate(mappings(spec.get("rules"), "spec.rules"))
+            if (host := text(rule.get("host"), f"spec.rules[{i}].host"))
+        })
         uncovered = [host for host in hosts if not host_covered(host, tls_hosts)]
         if uncovered:
-            yield Outcome(ref(ingress), False, f"no TLS for host(s) {', '.join(uncovered)}")
-        else:
-            yield Outcome(ref(ingress), True, f"TLS for {', '.join(hosts) or 'the default host'}")
+            return Outcome(ref(ingress), False, f"no TLS for host(s) {', '.join(uncovered)}")
+        return Outcome(ref(ingress), True, f"TLS for {', '.join(hosts) or 'the default host'}")
+
+    return judge_each(evidence.of("Ingress"), judge)
 
 
 CONTROLS = [tls_on_every_ingress]

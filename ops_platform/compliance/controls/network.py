@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ops_platform.compliance.evidence import Evidence, Obj, name_of, ref
+from ops_platform.compliance.controls.shapes import ShapeError, judge_each, mapping, sequence, strings, text
+from ops_platform.compliance.evidence import Evidence, Obj, name_of, namespace_of, ref
 from ops_platform.compliance.model import ControlConfig, Outcome, control
 
 WEAK_MTLS_MODES = ("PERMISSIVE", "DISABLE")
@@ -19,12 +20,17 @@ def denied_directions(policy: Obj) -> set[str]:
     allows everything, not a deny. Without policyTypes the API server assumes
     Ingress, and Egress only when egress rules are given.
     """
-    spec = policy.get("spec") or {}
-    selector = spec.get("podSelector") or {}
+    spec = mapping(policy.get("spec"), "spec")
+    selector = mapping(spec.get("podSelector"), "spec.podSelector")
     if selector.get("matchLabels") or selector.get("matchExpressions"):
         return set()
-    types = spec.get("policyTypes") or (["Ingress", "Egress"] if spec.get("egress") else ["Ingress"])
-    return {direction for direction in ("Ingress", "Egress") if direction in types and not spec.get(direction.lower())}
+    types = strings(spec.get("policyTypes"), "spec.policyTypes") or (
+        ["Ingress", "Egress"] if sequence(spec.get("egress"), "spec.egress") else ["Ingress"]
+    )
+    return {
+        direction for direction in ("Ingress", "Egress")
+        if direction in types and not sequence(spec.get(direction.lower()), f"spec.{direction.lower()}")
+    }
 
 
 @control(
@@ -42,7 +48,12 @@ def denied_directions(policy: Obj) -> set[str]:
 def default_deny_per_namespace(evidence: Evidence, config: ControlConfig) -> Iterator[Outcome]:
     policies = evidence.by_namespace("NetworkPolicy")
     for namespace in evidence.app_namespaces(config):
-        denied = {name_of(policy): denied_directions(policy) for policy in policies.get(namespace, [])}
+        denied = {}
+        for policy in policies.get(namespace, []):
+            try:
+                denied[name_of(policy)] = denied_directions(policy)
+            except ShapeError:
+                denied[name_of(policy)] = set()  # the API server refuses it: it denies nothing
         denying = {name: directions for name, directions in denied.items() if "Ingress" in directions}
         subject = f"Namespace {namespace}"
         if not denying:
@@ -72,29 +83,30 @@ def strict_mtls(evidence: Evidence, config: ControlConfig) -> Iterator[Outcome]:
         yield Outcome(mesh_wide_ref, False, "Istio is not installed: the cluster does not serve PeerAuthentication")
         return
     mesh_wide_seen = False
-    for policy in evidence.of("PeerAuthentication"):
-        spec = policy.get("spec") or {}
-        mode = (spec.get("mtls") or {}).get("mode") or "UNSET"
+
+    def judge(policy: Obj) -> Outcome:
+        nonlocal mesh_wide_seen
+        spec = mapping(policy.get("spec"), "spec")
+        mode = text(mapping(spec.get("mtls"), "spec.mtls").get("mode"), "spec.mtls.mode") or "UNSET"
         port_modes = {
-            str(port): (setting or {}).get("mode") or "UNSET"
-            for port, setting in (spec.get("portLevelMtls") or {}).items()
+            str(port): text(mapping(setting, f"spec.portLevelMtls.{port}").get("mode"), "mode") or "UNSET"
+            for port, setting in mapping(spec.get("portLevelMtls"), "spec.portLevelMtls").items()
         }
         weak_ports = [f"port {port} {m}" for port, m in sorted(port_modes.items()) if m in WEAK_MTLS_MODES]
-        mesh_wide = (policy.get("metadata") or {}).get("namespace") == root and not (
-            (spec.get("selector") or {}).get("matchLabels")
-        )
+        selector = mapping(spec.get("selector"), "spec.selector")
+        mesh_wide = namespace_of(policy) == root and not selector.get("matchLabels")
         if mesh_wide:
             mesh_wide_seen = True
             if mode != "STRICT" or weak_ports:
                 shown = mode if mode != "UNSET" else "UNSET (Istio's default: PERMISSIVE)"
-                yield Outcome(ref(policy), False, "mesh-wide mTLS mode is " + ", ".join([shown, *weak_ports]))
-            else:
-                yield Outcome(ref(policy), True, "mesh-wide mTLS mode is STRICT")
-        elif mode in WEAK_MTLS_MODES or weak_ports:
+                return Outcome(ref(policy), False, "mesh-wide mTLS mode is " + ", ".join([shown, *weak_ports]))
+            return Outcome(ref(policy), True, "mesh-wide mTLS mode is STRICT")
+        if mode in WEAK_MTLS_MODES or weak_ports:
             weakened = ([f"mode {mode}"] if mode in WEAK_MTLS_MODES else []) + weak_ports
-            yield Outcome(ref(policy), False, f"overrides mesh-wide STRICT with {', '.join(weakened)}")
-        else:
-            yield Outcome(ref(policy), True, f"mode {mode} keeps STRICT")
+            return Outcome(ref(policy), False, f"overrides mesh-wide STRICT with {', '.join(weakened)}")
+        return Outcome(ref(policy), True, f"mode {mode} keeps STRICT")
+
+    yield from judge_each(evidence.of("PeerAuthentication"), judge)
     # Manifests may hold only part of the mesh config; only a cluster proves the mesh-wide policy is missing.
     if not mesh_wide_seen and "cluster" in evidence.kinds:
         yield Outcome(mesh_wide_ref, False, f"no PeerAuthentication without selector in {root}")
