@@ -180,3 +180,15 @@ def test_the_crds_of_infra_install_and_serve_their_kinds(kube_cluster, kube_crds
                              "spec": {"secretName": "c-tls", "dnsNames": ["onto.test"],
                                       "issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}}})
     assert kube_cluster.get_object("cert-manager.io/v1", "Certificate", "c", kube_namespace)
+
+
+def test_a_deleted_running_pod_goes_as_its_kubelet_confirms(kube_cluster, kube_namespace, kubelet) -> None:
+    kubelet.run(kube_namespace, {"app": "web"}, "ready")
+    kube_cluster.put_object(_deployment("web", kube_namespace, replicas=1))
+    pod = kube_cluster.wait_for("a running pod", lambda: next(
+        (p for p in kube_cluster.list_objects("v1", "Pod", kube_namespace, "app=web")
+         if (p.get("status") or {}).get("phase") == "Running"), None))
+    kubelet.clear()  # no rule left: the stand-in still confirms deletions of the pods it runs
+    kube_cluster.delete_object("v1", "Pod", pod["metadata"]["name"], kube_namespace)
+    kube_cluster.wait_for("the pod gone", lambda: kube_cluster.get_object(
+        "v1", "Pod", pod["metadata"]["name"], kube_namespace) is None)

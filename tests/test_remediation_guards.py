@@ -1,7 +1,9 @@
 """The guards of remediations, held for the sensor's runs and for manual launches alike.
 
-Real Alertmanager and Prometheus (tests/fixtures/monitoring.py), the fake Kubernetes API over HTTP
-(tests/fakes/kube_api.py), an ephemeral Dagster instance whose run history the runs consult.
+Real Alertmanager and Prometheus (tests/fixtures/monitoring.py), the real API server with the playbooks
+run as the code location's ServiceAccount ops-platform (tests/fixtures/kube_server.py; what they act on
+made as admin, what they sent read from its audit log), an ephemeral Dagster instance whose run history
+the runs consult.
 Alertmanager's alert listing is made to time out, while its silences answer, with a requests
 transport adapter on the client's session (Alertmanager answering one endpoint and not the other,
 as under a large alert list); nothing of the project is patched.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,11 +44,13 @@ from ops_platform.sensors.alerts import (
     build_playbook_jobs,
 )
 from ops_platform.spec import DEFAULT_SPEC_PATH, Remediation, load_spec
+from tests.fixtures.kube_server import KubeCluster
 from tests.fixtures.monitoring import start_prometheus, unique_alertname
 
 SPEC = load_spec(DEFAULT_SPEC_PATH)
 DAGSTER_DIR = Path(__file__).resolve().parent.parent / "infra" / "dagster"
 NAMESPACE = "ontology-editor"
+CONTEXT = "kind-test"
 
 
 def spec_with(*remediations: dict[str, Any], **fields: Any):
@@ -71,17 +76,45 @@ def wait_listed(alertmanager: Alertmanager, alertname: str, count: int = 1) -> N
         time.sleep(0.1)
 
 
-def put_deployment(kube_api: Any, namespace: str, name: str = "onto-backend") -> None:
-    kube_api.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    kube_api.put_object({"apiVersion": "apps/v1", "kind": "Deployment",
-                         "metadata": {"name": name, "namespace": namespace},
-                         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                                  "template": {"metadata": {"labels": {"app": name}},
-                                               "spec": {"containers": [{"name": "app", "image": "app:1"}]}}}})
+@dataclass(frozen=True)
+class Namespaces:
+    """Namespaces of one test: the app's and data's, allowed by the remediations, and one outside them."""
+
+    app: str
+    data: str
+    outside: str
 
 
-def writes(kube_api: Any) -> list[Any]:
-    return [r for r in kube_api.requests if r.method not in ("GET", "HEAD")]
+@pytest.fixture
+def namespaces(kube_cluster: KubeCluster, kube_namespace: str) -> Iterator[Namespaces]:
+    prefix = kube_namespace[:56].rstrip("-")
+    made = Namespaces(kube_namespace, f"{prefix}-data", f"{prefix}-other")
+    for name in (made.data, made.outside):
+        kube_cluster.create_namespace(name)
+    yield made
+    for name in (made.data, made.outside):
+        kube_cluster.delete_object("v1", "Namespace", name)
+
+
+@pytest.fixture
+def kubeconfig(kube_cluster: KubeCluster, tmp_path: Path) -> Path:
+    return kube_cluster.write_kubeconfig(tmp_path / "kubeconfig", "ops-platform", context=CONTEXT)
+
+
+def put_deployment(kube_cluster: KubeCluster, namespace: str, name: str = "onto-backend") -> None:
+    """The Deployment a release made, as admin."""
+    kube_cluster.put_object({"apiVersion": "apps/v1", "kind": "Deployment",
+                             "metadata": {"name": name, "namespace": namespace},
+                             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                                      "template": {"metadata": {"labels": {"app": name}},
+                                                   "spec": {"containers": [{"name": "app", "image": "app:1"}]}}}},
+                            manager="ops-platform")
+
+
+def writes_since(kube_cluster: KubeCluster, mark: tuple[int, str]) -> list[dict[str, Any]]:
+    """The writes ops-platform sent since ``mark``, from the server's audit log."""
+    return [event for event in kube_cluster.audit_events_since(mark)
+            if event["verb"] in ("create", "update", "patch", "delete")]
 
 
 def restart(job: dg.JobDefinition, instance: dg.DagsterInstance, kubeconfig: Path, namespace: str, **config: Any):
@@ -89,7 +122,7 @@ def restart(job: dg.JobDefinition, instance: dg.DagsterInstance, kubeconfig: Pat
     return job.execute_in_process(
         run_config={"ops": {"run_restart_workload": {"config": {"alertname": "PodCrashLooping", "labels": labels,
                                                                 **config}}}},
-        resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig), context="fake"),
+        resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig), context=CONTEXT),
                    "alertmanager": AlertmanagerResource()},
         instance=instance, raise_on_error=False,
     )
@@ -100,64 +133,70 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return failure.event_specific_data.error.message
 
 
-TWO_FOR_RESTART = spec_with(
-    {"alert": "PodCrashLooping", "playbook": "restart_workload", "cooldown_minutes": 30, "namespaces": [NAMESPACE]},
-    {"alert": "DataPodCrashLooping", "playbook": "restart_workload", "cooldown_minutes": 10, "namespaces": ["data"]},
-)
+def two_for_restart(namespaces: Namespaces):
+    return spec_with(
+        {"alert": "PodCrashLooping", "playbook": "restart_workload", "cooldown_minutes": 30,
+         "namespaces": [namespaces.app]},
+        {"alert": "DataPodCrashLooping", "playbook": "restart_workload", "cooldown_minutes": 10,
+         "namespaces": [namespaces.data]},
+    )
 
 
-def test_two_remediations_for_one_playbook_allow_exactly_their_union(kube_api, kubeconfig_path):
-    for namespace in (NAMESPACE, "data", "kube-system"):
-        put_deployment(kube_api, namespace)
-    [job] = build_playbook_jobs(TWO_FOR_RESTART)
+def test_two_remediations_for_one_playbook_allow_exactly_their_union(kube_cluster, namespaces, kubeconfig):
+    for namespace in (namespaces.app, namespaces.data, namespaces.outside):
+        put_deployment(kube_cluster, namespace)
+    [job] = build_playbook_jobs(two_for_restart(namespaces))
     instance = dg.DagsterInstance.ephemeral()
 
-    manual = {ns: restart(job, instance, kubeconfig_path, ns) for ns in (NAMESPACE, "data")}
-    kube_api.requests.clear()
-    outside = restart(job, instance, kubeconfig_path, "kube-system")
-    outside_writes = writes(kube_api)
-    named = restart(job, instance, kubeconfig_path, "data", remediation="PodCrashLooping", ignore_cooldown=True)
+    manual = {ns: restart(job, instance, kubeconfig, ns) for ns in (namespaces.app, namespaces.data)}
+    mark = kube_cluster.audit_mark()
+    outside = restart(job, instance, kubeconfig, namespaces.outside)
+    outside_requests = kube_cluster.audit_events_since(mark)
+    named = restart(job, instance, kubeconfig, namespaces.data, remediation="PodCrashLooping", ignore_cooldown=True)
 
-    assert all(result.success for result in manual.values())
-    assert not outside.success and outside_writes == []
-    assert "'kube-system' is not in the allow-list ['data', 'ontology-editor'] of the remediations of " \
+    assert all(result.success for result in manual.values()), [failure_message(r) for r in manual.values()
+                                                                if not r.success]
+    assert not outside.success and outside_requests == []
+    allowed = sorted([namespaces.app, namespaces.data])
+    assert f"'{namespaces.outside}' is not in the allow-list {allowed} of the remediations of " \
         "restart_workload (no remediation named)" in failure_message(outside)
     assert instance.get_run_by_id(outside.run_id).tags[REFUSED_TAG] == "namespace"
     # A run naming the remediation that matched is held to that remediation's list alone.
     assert not named.success
-    assert "'data' is not in the allow-list ['ontology-editor'] of remediation PodCrashLooping" \
+    assert f"'{namespaces.data}' is not in the allow-list ['{namespaces.app}'] of remediation PodCrashLooping" \
         in failure_message(named)
 
 
 def test_a_manual_launch_during_the_cooldown_is_refused_from_the_run_history(
-    kube_api, kubeconfig_path, alertmanager, alertmanager_server
+    kube_cluster, namespaces, kubeconfig, alertmanager, alertmanager_server
 ):
-    put_deployment(kube_api, NAMESPACE)
+    app = namespaces.app
+    put_deployment(kube_cluster, app)
     now = datetime.now(UTC)
     clock = {"now": now}
-    [job] = build_playbook_jobs(TWO_FOR_RESTART, clock=lambda: clock["now"])
+    [job] = build_playbook_jobs(two_for_restart(namespaces), clock=lambda: clock["now"])
     instance = dg.DagsterInstance.ephemeral()
 
-    first = restart(job, instance, kubeconfig_path, NAMESPACE)
-    kube_api.requests.clear()
+    first = restart(job, instance, kubeconfig, app)
+    mark = kube_cluster.audit_mark()
     clock["now"] = now + timedelta(minutes=5)
-    second = restart(job, instance, kubeconfig_path, NAMESPACE, remediation="PodCrashLooping")
-    refused_writes = writes(kube_api)
+    second = restart(job, instance, kubeconfig, app, remediation="PodCrashLooping")
+    refused_writes = writes_since(kube_cluster, mark)
     # The sensor meets the same history: an alert on that Deployment is not requested either.
     name = unique_alertname("CrashLoop")
-    post(alertmanager, name, namespace=NAMESPACE, deployment="onto-backend")
+    post(alertmanager, name, namespace=app, deployment="onto-backend")
     wait_listed(alertmanager, name)
     defs = build_definitions(spec_with({"alert": name, "playbook": "restart_workload", "cooldown_minutes": 30,
-                                        "namespaces": [NAMESPACE]}), "local")
+                                        "namespaces": [app]}), "local")
     sensed = tick(defs, None, {"alertmanager": AlertmanagerResource(url=alertmanager_server.url),
                                "prometheus": PrometheusResource()}, instance)
     clock["now"] = now + timedelta(minutes=31)
-    after = restart(job, instance, kubeconfig_path, NAMESPACE, remediation="PodCrashLooping")
+    after = restart(job, instance, kubeconfig, app, remediation="PodCrashLooping")
 
-    assert first.success
+    assert first.success, failure_message(first)
     assert not second.success and refused_writes == []
     message = failure_message(second)
-    target = f"restart_workload/{NAMESPACE}/deployment=onto-backend"
+    target = f"restart_workload/{app}/deployment=onto-backend"
     assert f"{target} is cooling down until" in message and f"run {first.run_id} ended" in message
     assert "ignore_cooldown: true" in message
     assert instance.get_run_by_id(first.run_id).tags[TARGET_TAG] == target

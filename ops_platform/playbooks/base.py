@@ -11,7 +11,9 @@ Playbooks write with :func:`apply_owned`: a server-side apply without
 ``force``, so a field another field manager owns (an HPA's controller, a
 person's ``kubectl``) is reported by name and left alone, never taken; only a
 field of the platform's own releases is taken over, and said so
-(:data:`OWN_FIELD_MANAGERS`).
+(:data:`OWN_FIELD_MANAGERS`); a playbook may also take a field from any manager
+when it says why none can take it back (``take_over_because``: a claim's
+storage request only grows).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ PLAYBOOK_FIELD_MANAGER = "ops-platform-playbooks"
 # they applied (an HPA's minReplicas) and the next release sets it back, so the playbook does not
 # take anything from outside the platform. Every other manager's field is a conflict, reported.
 OWN_FIELD_MANAGERS = (FIELD_MANAGER,)
+RELEASE_SETS_IT_BACK = "the next release sets it back"
 # Labels naming a workload that is not a Deployment (kube-state-metrics names).
 OTHER_WORKLOAD_LABELS = ("statefulset", "daemonset", "replicaset", "job", "cronjob")
 
@@ -196,10 +199,11 @@ class DeploymentParams(PlaybookParams):
 
 @dataclass(frozen=True)
 class OwnedApply:
-    """What :func:`apply_owned` did: the server's answer and the fields taken from the platform's own managers."""
+    """What :func:`apply_owned` did: the server's answer, the fields taken from other managers and why."""
 
     result: ApplyResult
     taken: tuple[FieldOwner, ...] = ()
+    reason: str = ""
 
     @property
     def object(self) -> dict[str, Any]:
@@ -210,32 +214,34 @@ class OwnedApply:
         return self.result.action
 
     def note(self) -> str:
-        """For the summary: the fields taken over, and from which of the platform's managers."""
+        """For the summary: the fields taken over, from which managers, and why."""
         if not self.taken:
             return ""
         fields = ", ".join(f"{owner.field} from {owner.manager!r}" for owner in self.taken)
-        return f" (took over {fields}: the next release sets it back)"
+        return f" (took over {fields}: {self.reason})"
 
 
 def apply_owned(ctx: PlaybookContext, kube: KubernetesClient, playbook: str, target: str,
-                manifest: dict[str, Any]) -> OwnedApply:
+                manifest: dict[str, Any], *, take_over_because: str | None = None) -> OwnedApply:
     """Server-side apply without ``force``; refuse naming the manager of any field another party owns.
 
     A conflict only with :data:`OWN_FIELD_MANAGERS` (a release's field) is applied again with
-    ``force`` and reported in :attr:`OwnedApply.taken`.
+    ``force`` and reported in :attr:`OwnedApply.taken`; so is a conflict with any manager when
+    ``take_over_because`` says why that manager cannot take the field back.
     """
     try:
         return OwnedApply(kube.apply(manifest, dry_run=ctx.dry_run, force=False))
     except FieldConflict as conflict:
         foreign = [owner for owner in conflict.conflicts if owner.manager not in OWN_FIELD_MANAGERS]
-        if foreign:
+        if foreign and take_over_because is None:
             owned = ", ".join(f"{owner.field} is owned by field manager {owner.manager!r}" for owner in foreign)
             raise PlaybookRefused(
                 f"playbook {playbook}: {target}: {owned}; the playbook left it unchanged rather than take it "
                 f"from {', '.join(sorted({o.manager for o in foreign}))} (change it through that manager, or "
                 "have it drop the field, then run the playbook again)"
             ) from None
-        return OwnedApply(kube.apply(manifest, dry_run=ctx.dry_run, force=True), conflict.conflicts)
+        reason = take_over_because if foreign else RELEASE_SETS_IT_BACK
+        return OwnedApply(kube.apply(manifest, dry_run=ctx.dry_run, force=True), conflict.conflicts, reason)
 
 
 def object_name(kind: str, namespace: str, name: str) -> str:

@@ -5,6 +5,12 @@ The new request is the current one plus ``step_percent`` (at least
 driver then resizes the volume (and the filesystem, on the next mount or
 online). A StorageClass without ``allowVolumeExpansion: true`` would make the
 API server reject the change, so the playbook refuses first, naming the class.
+
+The request is always someone else's field: the StatefulSet controller's
+(``kube-controller-manager``, which made the claim from its
+``volumeClaimTemplates`` and never sets it again), a chart's or a person's.
+The playbook takes it over and names that manager in the summary: the API
+server refuses a smaller request, so no manager can take the growth back.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from ops_platform.playbooks.base import (
 )
 
 NAME = "expand_pvc"
+ONLY_GROWS = ("a claim's storage request only grows (the API server refuses a smaller one), "
+              "so no manager can shrink it back")
 GI = 1024**3
 _BINARY = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6}
 _DECIMAL = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
@@ -104,6 +112,7 @@ def run(
         {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
          "metadata": {"name": params.persistentvolumeclaim, "namespace": params.namespace},
          "spec": {"resources": {"requests": {"storage": format_quantity(wanted)}}}},
+        take_over_because=ONLY_GROWS,
     )
     new_request = applied.object["spec"]["resources"]["requests"]["storage"]
     capped = f" (capped at the limit {limit})" if wanted == limit_bytes else ""

@@ -23,7 +23,10 @@ from ops_platform.playbooks.base import (
 from ops_platform.resources.kubernetes import KubernetesClient
 
 NAME = "scale_workload"
-HPA_API = "autoscaling/v2"
+# The playbook reads and sets only scaleTargetRef, minReplicas and maxReplicas, all of autoscaling/v1,
+# which every Kubernetes version serves (autoscaling/v2 only from 1.23, v2beta2 only until 1.25); the
+# server converts, so the metrics and behavior a release applied in v2 are kept.
+HPA_API = "autoscaling/v1"
 
 
 class ScaleParams(DeploymentParams):
