@@ -19,6 +19,12 @@ Plain Python, no Dagster import. The shell (``apps/<service>/<env>``) calls:
    undo`` does) when it does not become available. The result says how the
    rollout finished (``rollout``).
 
+The chart's HorizontalPodAutoscalers and PodDisruptionBudgets take the API
+version the cluster serves (:func:`cluster_api_versions`, as charts do with
+Helm's ``.Capabilities``): autoscaling/v2 and policy/v1 where served (EKS
+today), else the older version of the same fields; a cluster serving neither
+refuses the release before anything is applied, never skips the objects.
+
 Promotion (:class:`Promotion`, :func:`next_promotion`, :func:`promotion_tag`):
 prod follows the newest staging release whose rollout became available,
 once prod's repository holds that digest; until then the digest waits.
@@ -59,13 +65,24 @@ from ops_platform.manifests import (
 )
 from ops_platform.resources.ecr import EcrRegistry, ImageInfo
 from ops_platform.resources.ecr import ImageNotFound as EcrImageNotFound
-from ops_platform.resources.kubernetes import Condition, KubernetesClient, WaitTimeout
+from ops_platform.resources.kubernetes import (
+    Condition,
+    KindNotServed,
+    KubernetesClient,
+    WaitTimeout,
+)
 from ops_platform.spec import Registry, Service
 
 NAME_LABEL = "app.kubernetes.io/name"
 REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
 POD_TEMPLATE_HASH = "pod-template-hash"
 MOVING_TAGS = frozenset({"latest"})
+# Chart values key -> kind and its API versions, newest first: the chart's default (values.yaml), then the
+# version of the same fields that older clusters serve (autoscaling/v2 since 1.23, policy/v1 since 1.21).
+SERVED_VERSIONS = {
+    "autoscaling": ("HorizontalPodAutoscaler", ("autoscaling/v2", "autoscaling/v2beta2")),
+    "podDisruptionBudget": ("PodDisruptionBudget", ("policy/v1", "policy/v1beta1")),
+}
 
 
 class ReleaseError(OpsPlatformError):
@@ -90,6 +107,10 @@ class NotPassedStaging(ReleaseError):
 
 class OutsideEnvironment(ReleaseError):
     """A rendered object would land outside the environment's namespace."""
+
+
+class NotServed(ReleaseError):
+    """The cluster serves none of the API versions the chart can render a kind in."""
 
 
 class ReleaseFailed(OpsPlatformError):
@@ -235,6 +256,37 @@ def release_values(service: Service, tag: str, digest: str, namespace: str, regi
     }
 
 
+def served_api_versions(serves: Callable[[str, str], bool], cluster: str = "the cluster") -> dict[str, Any]:
+    """Chart values choosing, for each kind of :data:`SERVED_VERSIONS`, the newest API version ``serves(api_version, kind)``.
+
+    Raises :class:`NotServed` when ``cluster`` serves none of a kind's versions.
+    """
+    values: dict[str, Any] = {}
+    for key, (kind, versions) in SERVED_VERSIONS.items():
+        served = next((version for version in versions if serves(version, kind)), None)
+        if served is None:
+            raise NotServed(
+                f"refused: {cluster} serves {kind} in none of {', '.join(versions)} (the chart's "
+                f"{key}.apiVersion); upgrade the cluster or add the version it serves to SERVED_VERSIONS in "
+                "ops_platform/releases.py; nothing applied"
+            )
+        values[key] = {"apiVersion": served}
+    return values
+
+
+def cluster_api_versions(kube: KubernetesClient) -> dict[str, Any]:
+    """:func:`served_api_versions` of the cluster of ``kube``, from its discovery."""
+
+    def serves(api_version: str, kind: str) -> bool:
+        try:
+            kube.kind(api_version, kind)
+        except KindNotServed:
+            return False
+        return True
+
+    return served_api_versions(serves, f"the cluster at {kube.host}")
+
+
 def check_blast_radius(
     objects: Iterable[dict[str, Any]], environment: str, namespace: str, namespaced: Callable[[dict[str, Any]], bool]
 ) -> None:
@@ -286,7 +338,7 @@ def release(
     """
     _check_environment(service, environment)
     check_tag(service, tag)
-    values = release_values(service, tag, digest, namespace, registry)
+    values = {**release_values(service, tag, digest, namespace, registry), **cluster_api_versions(kube)}
     objects = service_objects(render(environment, values, chart_dir=service.chart), service)
     check_blast_radius(objects, environment, namespace,
                        lambda obj: kube.kind(obj["apiVersion"], obj["kind"]).namespaced)

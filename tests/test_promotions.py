@@ -1,8 +1,8 @@
 """`promotion_sensor` and `image_tag_sensor` together: a push releases dev and
 staging; prod follows staging's proven release of a digest, once prod's
-repository holds it, and never as a run that would fail. ECR on moto, one fake
-Kubernetes API server per environment (tests/test_release_assets.py), real
-sensor contexts over an ephemeral instance, and the requested runs executed."""
+repository holds it, and never as a run that would fail. ECR on moto, each
+environment in its namespace of the real API server (tests/test_release_assets.py),
+real sensor contexts over an ephemeral instance, and the requested runs executed."""
 
 from __future__ import annotations
 
@@ -15,18 +15,25 @@ from ops_platform.assets.keys import release_key
 from ops_platform.environment import build_resources
 from ops_platform.sensors.image_tags import build_image_tag_sensor
 from ops_platform.sensors.promotions import build_promotion_sensor
+from ops_platform.spec import Spec
 from tests.test_release_assets import (  # noqa: F401
     BROKEN,
     NEXT,
     REGISTRY,
+    SERVICE,
     SPEC,
     TAG,
-    clusters,
     failure_description,
-    materialize,
+    platform,
     rollout_check,
 )
-from tests.test_releases import ecr, image_ref, push_image, writes  # noqa: F401
+from tests.test_releases import (  # noqa: F401
+    chart_prerequisites,
+    ecr,
+    image_ref,
+    new_pods_crash,
+    push_image,
+)
 
 PROD = release_key("onto-backend", "prod")
 
@@ -40,6 +47,7 @@ def definitions() -> dg.Definitions:
 
 
 def tick(name: str, cursor: str | None, instance: dg.DagsterInstance):
+    """A tick of the sensor: sensors read ECR and the instance, never the clusters."""
     defs = definitions()
     resources = {key: value for key, value in build_resources(SPEC, "local").items() if key.startswith("ecr_")}
     with dg.build_sensor_context(cursor=cursor, instance=instance, resources=resources,
@@ -47,10 +55,11 @@ def tick(name: str, cursor: str | None, instance: dg.DagsterInstance):
         return next(s for s in defs.sensors if s.name == name).evaluate_tick(context)
 
 
-def execute(request: dg.RunRequest, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+def execute(request: dg.RunRequest, instance: dg.DagsterInstance, spec: Spec) -> dg.ExecuteInProcessResult:
+    """The requested run, its release placed in the test's namespaces by ``spec``."""
     [key] = request.asset_selection
-    asset = next(a for a in release_assets.build_release_assets(SPEC) if key in a.keys)
-    return dg.materialize([asset], run_config=request.run_config, resources=build_resources(SPEC, "local"),
+    asset = next(a for a in release_assets.build_release_assets(spec) if key in a.keys)
+    return dg.materialize([asset], run_config=request.run_config, resources=build_resources(spec, "local"),
                           instance=instance, tags=request.tags, raise_on_error=False)
 
 
@@ -59,7 +68,7 @@ def create_repositories(ecr, *environments):  # noqa: F811
         ecr.create_repository(repositoryName=f"onto-backend-{env}")
 
 
-def test_prod_pushed_before_staging_released_is_promoted_once_staging_passes(clusters, ecr):  # noqa: F811
+def test_prod_pushed_before_staging_released_is_promoted_once_staging_passes(platform, ecr):  # noqa: F811
     instance = dg.DagsterInstance.ephemeral()
     create_repositories(ecr, "dev", "staging", "prod")
     tags = tick("image_tag_sensor", None, instance)
@@ -77,7 +86,7 @@ def test_prod_pushed_before_staging_released_is_promoted_once_staging_passes(clu
     assert waiting.run_requests == [] and "no newly proven staging release" in waiting.skip_message
 
     [staging_request] = [r for r in tags.run_requests if r.run_key.startswith("onto-backend-staging@")]
-    staging = execute(staging_request, instance)
+    staging = execute(staging_request, instance, platform.spec)
     assert staging.success, failure_description(staging)
 
     promoted = tick("promotion_sensor", waiting.cursor, instance)
@@ -87,10 +96,10 @@ def test_prod_pushed_before_staging_released_is_promoted_once_staging_passes(clu
                                                                                "image_digest": digest}
     assert request.run_key.startswith(f"onto-backend-prod@{digest}/staging-check-")
     assert request.tags["ops_platform/promoted_from"] == "apps/onto-backend/staging"
-    prod = execute(request, instance)
+    prod = execute(request, instance, platform.spec)
     assert prod.success, failure_description(prod)
     assert rollout_check(prod).passed
-    image = clusters["prod"].deployment()["spec"]["template"]["spec"]["containers"][0]["image"]
+    image = platform.deployment("prod")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == f"{REGISTRY}/onto-backend-prod@{digest}", "prod runs the digest staging proved"
 
     again = tick("promotion_sensor", promoted.cursor, instance)
@@ -98,12 +107,12 @@ def test_prod_pushed_before_staging_released_is_promoted_once_staging_passes(clu
     assert [run.status for run in instance.get_runs() if run.status == dg.DagsterRunStatus.FAILURE] == []
 
 
-def test_a_digest_proven_before_prod_has_it_waits_then_is_promoted(clusters, ecr):  # noqa: F811
+def test_a_digest_proven_before_prod_has_it_waits_then_is_promoted(platform, ecr):  # noqa: F811
     instance = dg.DagsterInstance.ephemeral()
     create_repositories(ecr, "staging")
     digest = push_image(ecr, "onto-backend-staging", TAG)
     learned = tick("promotion_sensor", None, instance)
-    assert materialize("staging", instance, digest=digest).success
+    assert platform.materialize("staging", instance, digest=digest).success
 
     missing = tick("promotion_sensor", learned.cursor, instance)
     assert missing.run_requests == []
@@ -116,27 +125,27 @@ def test_a_digest_proven_before_prod_has_it_waits_then_is_promoted(clusters, ecr
     assert empty.skip_message == f"onto-backend-prod: {digest} (staging {TAG}) not pushed there yet; waits"
     assert digest in empty.cursor, "the digest waits in the cursor"
     # What launching prod now would do: fail on the missing image (and spend a run key).
-    early = materialize("prod", instance, digest=digest)
+    early = platform.materialize("prod", instance, digest=digest)
     assert not early.success and f"tag '{TAG}' is not in repository 'onto-backend-prod'" in failure_description(early)
-    assert writes(clusters["prod"].api) == []
+    assert platform.writes("prod") == []
 
     push_image(ecr, "onto-backend-prod", TAG)
     ready = tick("promotion_sensor", empty.cursor, instance)
     [request] = ready.run_requests
     assert request.run_config["ops"]["apps__onto_backend__prod"]["config"]["image_digest"] == digest
-    assert execute(request, instance).success
-    assert image_ref(clusters["prod"].deployment()) == digest
+    assert execute(request, instance, platform.spec).success
+    assert image_ref(platform.deployment("prod")) == digest
     assert tick("promotion_sensor", ready.cursor, instance).run_requests == []
 
 
-def test_a_newer_proven_staging_release_replaces_the_one_waiting(clusters, ecr):  # noqa: F811
+def test_a_newer_proven_staging_release_replaces_the_one_waiting(platform, ecr):  # noqa: F811
     instance = dg.DagsterInstance.ephemeral()
     create_repositories(ecr, "staging", "prod")
     digests = {tag: push_image(ecr, "onto-backend-staging", tag) for tag in (TAG, NEXT)}
     cursor = tick("promotion_sensor", None, instance).cursor
-    assert materialize("staging", instance, tag=TAG).success
+    assert platform.materialize("staging", instance, tag=TAG).success
     cursor = tick("promotion_sensor", cursor, instance).cursor
-    assert materialize("staging", instance, tag=NEXT).success
+    assert platform.materialize("staging", instance, tag=NEXT).success
     cursor = tick("promotion_sensor", cursor, instance).cursor
     assert digests[NEXT] in cursor and digests[TAG] not in cursor
 
@@ -147,28 +156,29 @@ def test_a_newer_proven_staging_release_replaces_the_one_waiting(clusters, ecr):
                                                                                "image_digest": digests[NEXT]}
 
 
-def test_only_a_proven_staging_rollout_is_promoted_not_what_was_proven_before_the_sensor(clusters, ecr):  # noqa: F811
+def test_only_a_proven_staging_rollout_is_promoted_not_what_was_proven_before_the_sensor(platform, ecr,  # noqa: F811
+                                                                                          kubelet):
     instance = dg.DagsterInstance.ephemeral()
     create_repositories(ecr, "staging", "prod")
     digests = {tag: push_image(ecr, "onto-backend-staging", tag) for tag in (TAG, BROKEN)}
     for tag in (TAG, BROKEN):
         push_image(ecr, "onto-backend-prod", tag)
-    assert materialize("staging", instance, tag=TAG).success
+    assert platform.materialize("staging", instance, tag=TAG).success
 
     learned = tick("promotion_sensor", None, instance)
     assert learned.run_requests == [], "staging's releases before the sensor's first tick are learned"
 
-    clusters["staging"].controller.deadline.add(digests[BROKEN])
-    assert not materialize("staging", instance, tag=BROKEN).success
+    new_pods_crash(kubelet, platform.cluster, platform.namespaces["staging"], SERVICE)
+    assert not platform.materialize("staging", instance, tag=BROKEN, wait_timeout=2).success
     instance.report_runless_asset_event(dg.AssetMaterialization(
         asset_key=release_key("onto-backend", "staging"),
         metadata={"image_tag": BROKEN, "image_digest": digests[BROKEN]}))
 
     after = tick("promotion_sensor", learned.cursor, instance)
     assert after.run_requests == [], "a failed rollout or a hand-reported materialization proves nothing"
-    assert writes(clusters["prod"].api) == []
+    assert platform.writes("prod") == []
 
 
-def test_a_garbled_promotion_cursor_is_refused_with_what_to_do(clusters):  # noqa: F811
+def test_a_garbled_promotion_cursor_is_refused_with_what_to_do():
     result = tick("promotion_sensor", "{not json", dg.DagsterInstance.ephemeral())
     assert result.run_requests == [] and "reset the sensor's cursor" in result.skip_message

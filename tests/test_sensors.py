@@ -1,5 +1,6 @@
 """The sensors and the remediation job in Dagster: ECR on moto, a real Alertmanager,
-playbooks against the fake Kubernetes API; cursors and run keys across ticks."""
+playbooks on the real API server as the code location's ServiceAccount ``ops-platform``;
+cursors and run keys across ticks."""
 
 from __future__ import annotations
 
@@ -10,19 +11,23 @@ import dagster as dg
 
 from ops_platform.definitions import build_definitions
 from ops_platform.local_servers import free_port
-from ops_platform.resources.alerting import AlertmanagerResource, PostableAlert, PrometheusResource
+from ops_platform.resources.alerting import (
+    AlertmanagerResource,
+    PostableAlert,
+    PrometheusResource,
+)
 from ops_platform.resources.ecr import EcrResource
 from ops_platform.resources.kubernetes import KubernetesResource
 from ops_platform.spec import DEFAULT_SPEC_PATH, load_spec
 from tests.fixtures.monitoring import unique_alertname
-from tests.test_releases import DeploymentController, controller  # noqa: F401
 from tests.test_ecr import push_image
+from tests.test_releases import code_writes
 
 SPEC = load_spec(DEFAULT_SPEC_PATH)
 
 
-def spec_with_alert(alertname: str, playbook: str = "restart_workload"):
-    namespaces = [] if playbook == "rerun_backup" else ["ontology-editor"]
+def spec_with_alert(alertname: str, playbook: str = "restart_workload", namespace: str = "ontology-editor"):
+    namespaces = [] if playbook == "rerun_backup" else [namespace]
     remediation = SPEC.remediations[0].model_validate(
         {"alert": alertname, "playbook": playbook, "cooldown_minutes": 30, "namespaces": namespaces})
     return SPEC.model_copy(update={"remediations": [remediation]})
@@ -137,44 +142,48 @@ def test_alert_sensor_with_alertmanager_down_skips():
     assert result.run_requests == [] and "ALERTMANAGER_URL" in result.skip_message
 
 
-def test_remediation_job_restarts_and_silences_meanwhile(controller, kubeconfig_path, kube_api, alertmanager,  # noqa: F811
-                                                         alertmanager_server):
-    kube_api.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ontology-editor"}})
-    kube_api.put_object({"apiVersion": "apps/v1", "kind": "Deployment",
-                         "metadata": {"name": "onto-backend", "namespace": "ontology-editor"},
-                         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "b"}},
-                                  "template": {"metadata": {"labels": {"app": "b"}},
-                                               "spec": {"containers": [{"name": "b", "image": "b:1"}]}}}})
-    name = unique_alertname("CrashLoop")
-    defs = build_definitions(spec_with_alert(name), "local")
-    job = defs.resolve_job_def("playbook_restart_workload")
-    result = job.execute_in_process(
+def restart_job_run(defs, kubeconfig, alertmanager_url, alertname, labels, run_key):
+    return defs.resolve_job_def("playbook_restart_workload").execute_in_process(
         run_config={"ops": {"run_restart_workload": {"config": {
-            "alertname": name, "run_key": "fp:1",
-            "labels": {"alertname": name, "namespace": "ontology-editor", "deployment": "onto-backend"}}}}},
-        resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"),
-                   "alertmanager": AlertmanagerResource(url=alertmanager_server.url)},
+            "alertname": alertname, "run_key": run_key, "labels": {"alertname": alertname, **labels}}}}},
+        resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig)),
+                   "alertmanager": AlertmanagerResource(url=alertmanager_url)},
         raise_on_error=False,
     )
+
+
+def test_remediation_job_restarts_and_silences_meanwhile(kube_cluster, kube_namespace, tmp_path, alertmanager,
+                                                         alertmanager_server):
+    labels = {"app": "onto-backend"}
+    kube_cluster.put_object({"apiVersion": "apps/v1", "kind": "Deployment",
+                             "metadata": {"name": "onto-backend", "namespace": kube_namespace},
+                             "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                                      "template": {"metadata": {"labels": labels},
+                                                   "spec": {"containers": [{"name": "b", "image": "b:1"}]}}}})
+    kube_cluster.wait_for("the first ReplicaSet", lambda: kube_cluster.list_objects(
+        "apps/v1", "ReplicaSet", kube_namespace))
+    name = unique_alertname("CrashLoop")
+    defs = build_definitions(spec_with_alert(name, namespace=kube_namespace), "local")
+    result = restart_job_run(defs, kube_cluster.write_kubeconfig(tmp_path / "kubeconfig", "ops-platform"),
+                             alertmanager_server.url, name,
+                             {"namespace": kube_namespace, "deployment": "onto-backend"}, "fp:1")
     assert result.success
     output = next(e for e in result.all_events if e.event_type_value == "STEP_OUTPUT")
     metadata = output.event_specific_data.metadata
     assert metadata["changed"].value is True
-    deployment = kube_api.get_object("apps/v1", "deployments", "onto-backend", "ontology-editor")
+    deployment = kube_cluster.get_object("apps/v1", "Deployment", "onto-backend", kube_namespace)
     assert "kubectl.kubernetes.io/restartedAt" in deployment["spec"]["template"]["metadata"]["annotations"]
+    assert "ops-platform-playbooks" in {entry["manager"] for entry in deployment["metadata"]["managedFields"]}
+    kube_cluster.wait_for("the Deployment controller replacing the pods with a new ReplicaSet", lambda: len(
+        kube_cluster.list_objects("apps/v1", "ReplicaSet", kube_namespace)) == 2)
     silences = [s for s in alertmanager.silences() if any(m.value == name for m in s.matchers)]
     assert silences and all(s.state == "expired" for s in silences)
 
 
-def test_remediation_outside_the_allow_list_is_refused(kubeconfig_path, kube_api, alertmanager_server):
-    defs = build_definitions(spec_with_alert("X"), "local")
-    result = defs.resolve_job_def("playbook_restart_workload").execute_in_process(
-        run_config={"ops": {"run_restart_workload": {"config": {
-            "alertname": "X", "run_key": "fp:2",
-            "labels": {"namespace": "kube-system", "deployment": "coredns"}}}}},
-        resources={"kubernetes": KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"),
-                   "alertmanager": AlertmanagerResource()},
-        raise_on_error=False,
-    )
+def test_remediation_outside_the_allow_list_is_refused(kube_cluster, kube_namespace, tmp_path, alertmanager_server):
+    defs = build_definitions(spec_with_alert("X", namespace=kube_namespace), "local")
+    result = restart_job_run(defs, kube_cluster.write_kubeconfig(tmp_path / "kubeconfig", "ops-platform"),
+                             alertmanager_server.url, "X", {"namespace": "kube-system", "deployment": "coredns"},
+                             "fp:2")
     assert not result.success
-    assert not [r for r in kube_api.requests if r.method in ("PATCH", "POST", "PUT", "DELETE")]
+    assert code_writes(kube_cluster, "kube-system", kube_namespace) == []
