@@ -191,6 +191,27 @@ def test_odd_but_valid_shapes_are_judged_never_a_traceback(
     assert locations["Deployment ontology-editor/string-spec"] == f"{manifests / 'odd.yaml'}#3"
 
 
+def test_a_namespace_whose_labels_are_not_a_mapping_is_no_app_namespace_by_label() -> None:
+    """Labels as a list or a string (valid YAML the API server refuses) never make a control fault; a namespace
+    named in the configuration stays an app namespace, and the control reading its labels says what is wrong."""
+    label = "ops-platform/app-namespace"
+    odd = {"listed": [f"{label}=true"], "keyed": [label], "text": f"{label}=true"}
+    evidence = Evidence.from_objects(
+        [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+         for name, labels in odd.items()]
+        + [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app", "labels": {label: "true"}}}]
+    )
+    assert evidence.app_namespaces(ControlConfig()) == ["app"]
+    config = ControlConfig(app_namespaces=("keyed",))
+    assert evidence.app_namespaces(config) == ["app", "keyed"]
+
+    report = evaluate(evidence, CATALOGUE, now=NOW, config=config)
+    assert report.control_faults == []
+    assert failing(report.to_dict(), "OPS-PSS-013")["Namespace keyed"] == (
+        "not judged: metadata.labels is a list, not an object")
+    assert {f.object for f in report.result("OPS-QUOTA-001").findings} == {"Namespace app", "Namespace keyed"}
+
+
 @control(id="TEST-REPLICAS", title="replicas are read as a number", severity="ERROR", requirement="test",
          framework=None, remediation="set spec.replicas", evidence=("manifests",), reads=("Deployment",))
 def replicas_read_naively(evidence: Evidence, config: ControlConfig) -> Iterator[Outcome]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -246,6 +247,41 @@ def test_markdown_has_a_summary_table_and_stays_bounded() -> None:
     assert "**Top failures** (20 of" in text
     assert "more failing objects: see the JSON or HTML report" in text
     assert text.count("| ERROR | OPS-") <= 20
+
+
+def test_every_rendering_names_each_controls_sources() -> None:
+    """Requirement (infra plan / InfraSpec section), CIS item, and the standard with its field (PSS profile)."""
+    report = evaluate(cluster(deployment("a", containers=[ROOT_CONTAINER])), CATALOGUE, now=NOW, config=CONFIG)
+    hosts = report.result("OPS-PSS-001").control
+    assert hosts.framework and hosts.source == "PSS baseline (host namespaces): spec.hostNetwork, spec.hostPID, spec.hostIPC"
+    sources = f"{hosts.requirement}; {hosts.framework}; {hosts.source}"
+
+    controls = {c["id"]: c for c in json.loads(report.to_json())["controls"]}
+    assert (controls["OPS-PSS-001"]["requirement"], controls["OPS-PSS-001"]["framework"],
+            controls["OPS-PSS-001"]["source"]) == (hosts.requirement, hosts.framework, hosts.source)
+    assert controls["OPS-NET-001"]["source"] is None and "InfraSpec §3.3" in controls["OPS-NET-001"]["requirement"]
+
+    lines = report.to_text().splitlines()
+    for result in report.results:
+        row = next(i for i, line in enumerate(lines) if f" {result.control.id} " in line and " excepted  " in line)
+        assert lines[row + 1].startswith(f"        sources: {result.control.requirement}"), result.control.id
+    assert f"        sources: {sources}" in lines
+
+    markdown = report.to_markdown()
+    assert "| sources |" in markdown and f"| {sources} |" in markdown
+    network = report.result("OPS-NET-001").control
+    assert f"| {network.requirement}; {network.framework} |" in markdown
+
+    page = report.to_html()
+    assert "<th>source</th>" in page and f"<td>{html.escape(hosts.source)}</td>" in page
+    assert f"<td>{html.escape(hosts.requirement)}</td><td>{hosts.framework}</td>" in page
+
+
+def test_markdown_too_small_for_the_sources_points_at_the_full_reports() -> None:
+    report = evaluate(cluster(deployment("a")), CATALOGUE, now=NOW, config=CONFIG)
+    text = report.to_markdown(max_chars=6000)
+    assert len(text) <= 6000 and "| sources |" not in text
+    assert "sources of each control (requirement, CIS item, PSS profile and field): see the JSON or HTML" in text
 
 
 def test_reports_are_stored_and_the_latest_found(tmp_path: Path) -> None:

@@ -391,3 +391,25 @@ def test_a_report_that_cannot_be_made_fails_its_check_and_the_run(no_cluster, re
     assert not check.passed
     assert check.description.startswith(f"not judged: compliance report failed: compliance exceptions: {broken}")
     assert failure_of(result).startswith(f"compliance report failed: compliance exceptions: {broken}")
+
+
+def test_a_malformed_manifest_fails_the_check_naming_the_file(no_cluster, report_spec, tmp_path):
+    """Every finding excepted, the check passes; a manifest that cannot be read leaves a hole in the report
+    and fails it, naming the file."""
+    now = datetime.now(UTC)
+    Path(report_spec.compliance.exceptions).write_text(yaml.safe_dump([{
+        "control": "OPS-*", "object": "* *", "owner": "team:platform-sre",
+        "justification": "this test judges the input, not the findings", "expires": (now + timedelta(days=30)).date(),
+    }]))
+    reports = Reports(report_spec, dg.DagsterInstance.ephemeral(), tmp_path / "store", now)
+    clean = checks_of(reports.run())["no_open_error_findings"]
+    assert clean.passed and clean.description == "no open ERROR finding"
+
+    bad = Path(report_spec.compliance.manifests) / "bad.yaml"
+    bad.write_text("kind: [a, b\n")
+    result = reports.run()
+    assert result.success, "the report is still made and stored"
+    check = checks_of(result)["no_open_error_findings"]
+    assert not check.passed and check.metadata["open_errors"].value == 0
+    assert check.description.startswith(f"no open ERROR finding; 1 input problem(s), not judged: {bad} line 1, "
+                                        "column 7 (document 1): not valid YAML: while parsing a flow sequence")

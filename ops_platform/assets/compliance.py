@@ -280,15 +280,16 @@ def build_compliance_assets(spec: Spec, *, clock: Clock = utc_now) -> list[dg.As
         now = clock()
         try:
             graph = graph_evidence(spec, context.instance, now)
+            config = ControlConfig.from_spec(spec)
             try:
-                evidence: Evidence = collect_cluster_evidence(kubernetes.get_client(), graph=graph)
+                evidence: Evidence = collect_cluster_evidence(kubernetes.get_client(), graph=graph, config=config)
             except MissingSettingError as missing:
                 context.log.warning(f"compliance: no cluster ({missing}); judging the manifests instead")
                 evidence = load_manifests(_repo_path(spec.compliance.manifests), graph=graph)
             store = object_store.get_store()
             exceptions = load_exceptions(_repo_path(spec.compliance.exceptions), known_controls=control_ids())
             result: Report = evaluate(
-                evidence, CATALOGUE, exceptions, now=now, config=ControlConfig.from_spec(spec),
+                evidence, CATALOGUE, exceptions, now=now, config=config,
                 previous_report_json=latest_report_json(store),
             )
             stored = store_report(store, result)

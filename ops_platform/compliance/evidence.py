@@ -17,8 +17,8 @@ Three sources make an :class:`Evidence`:
   materialization", which a failed run leaves untouched).
 
 Objects are plain dicts (the JSON of the API) with ``apiVersion`` and ``kind``
-set. The helpers at the end (:func:`ref`, :func:`pod_spec`,
-:func:`selector_matches`...) are what controls use to read them.
+set. The helpers at the end (:func:`ref`, :func:`name_of`, :func:`namespace_of`)
+name them; the controls read their fields through ``controls/shapes.py``.
 """
 
 from __future__ import annotations
@@ -54,19 +54,22 @@ KIND_API_VERSIONS: dict[str, tuple[str, ...]] = {
     "Pod": ("v1",),
     "ResourceQuota": ("v1",),
     "LimitRange": ("v1",),
+    "ServiceAccount": ("v1",),
     "Deployment": ("apps/v1",),
     "StatefulSet": ("apps/v1",),
     "DaemonSet": ("apps/v1",),
+    "ReplicaSet": ("apps/v1",),
     "Job": ("batch/v1",),
-    "CronJob": ("batch/v1",),
+    # Newest first; the older version of the same fields where a cluster (before 1.21 / 1.23) lacks it.
+    "CronJob": ("batch/v1", "batch/v1beta1"),
     "NetworkPolicy": ("networking.k8s.io/v1",),
     "Ingress": ("networking.k8s.io/v1",),
     "Role": ("rbac.authorization.k8s.io/v1",),
     "ClusterRole": ("rbac.authorization.k8s.io/v1",),
     "RoleBinding": ("rbac.authorization.k8s.io/v1",),
     "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1",),
-    "PodDisruptionBudget": ("policy/v1",),
-    "HorizontalPodAutoscaler": ("autoscaling/v2",),
+    "PodDisruptionBudget": ("policy/v1", "policy/v1beta1"),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "autoscaling/v2beta2"),
     "PeerAuthentication": ("security.istio.io/v1", "security.istio.io/v1beta1"),
     "ConstraintTemplate": ("templates.gatekeeper.sh/v1", "templates.gatekeeper.sh/v1beta1"),
 }
@@ -75,8 +78,8 @@ CONSTRAINT_API_VERSIONS = (f"{CONSTRAINTS_GROUP}/v1beta1", f"{CONSTRAINTS_GROUP}
 CONSTRAINTS = "Constraint"
 """Pseudo-kind a control reads to get every Gatekeeper constraint, whatever its kind."""
 _CONSTRAINTS_PREFIX = CONSTRAINTS_GROUP + "/"
-# Listing every pod of a cluster is costly and only the API server's static pods are needed.
 POD_SCOPE = ("kube-system", "component=kube-apiserver")
+"""The API server's static pods, which the collector lists besides the app namespaces' pods."""
 
 CLUSTER_SCOPED_KINDS = frozenset({
     "Namespace", "ClusterRole", "ClusterRoleBinding", "ConstraintTemplate", "CustomResourceDefinition",
@@ -287,7 +290,7 @@ class Evidence:
             found = {
                 name_of(ns)
                 for ns in self.of("Namespace")
-                if label_key in labels_of(ns) and (not has_value or labels_of(ns)[label_key] == label_value)
+                if label_key in (labels := labels_of(ns)) and (not has_value or labels[label_key] == label_value)
             }
             configured = set(config.app_namespaces)
             if configured:
@@ -322,12 +325,16 @@ def collect_cluster_evidence(
     *,
     cluster_logging_types: Iterable[str] | None = None,
     graph: GraphEvidence | None = None,
+    config: ControlConfig | None = None,
 ) -> Evidence:
     """List every kind in ``kinds`` (default: every kind the catalogue reads) from the cluster.
 
-    A kind the cluster does not serve is recorded in ``not_installed``; any
-    other API error (refused, unreachable) is raised, since a snapshot with
-    holes would make a report that lies.
+    Every kind is listed cluster-wide but Pods, listed last: in the app
+    namespaces of ``config`` (labelled or named, see
+    :meth:`Evidence.app_namespaces`) and the kube-apiserver static pods of
+    kube-system (see :func:`_pod_scopes`). A kind the cluster does not serve is
+    recorded in ``not_installed``; any other API error (refused, unreachable)
+    is raised, since a snapshot with holes would make a report that lies.
     """
     if kinds is None:
         from ops_platform.compliance.controls import CATALOGUE, kinds_read_by
@@ -342,6 +349,8 @@ def collect_cluster_evidence(
     wanted = list(dict.fromkeys(kinds))
     if CONSTRAINTS in wanted and "ConstraintTemplate" not in wanted:
         wanted.insert(wanted.index(CONSTRAINTS), "ConstraintTemplate")
+    if "Pod" in wanted:  # once the Namespaces are in: they say which are app namespaces
+        wanted.append(wanted.pop(wanted.index("Pod")))
     for kind in wanted:
         if kind == CONSTRAINTS:
             _collect_constraints(kube, evidence)
@@ -349,17 +358,29 @@ def collect_cluster_evidence(
         api_versions = KIND_API_VERSIONS.get(kind)
         if api_versions is None:
             raise ValueError(f"compliance: no API version known for kind {kind!r} (add it to KIND_API_VERSIONS)")
-        namespace, selector = POD_SCOPE if kind == "Pod" else (None, None)
-        listed = _list_first_served(kube, kind, api_versions, namespace, selector)
-        if listed is None:
-            evidence.not_installed[kind] = (
-                f"the cluster does not serve {kind} ({' or '.join(api_versions)}): its CRD is not installed"
-            )
-            continue
-        api_version, objects = listed
-        for obj in objects:
-            evidence.add(_typed(obj, api_version, kind))
+        scopes = _pod_scopes(evidence, config or ControlConfig()) if kind == "Pod" else [(None, None)]
+        for namespace, selector in scopes:
+            listed = _list_first_served(kube, kind, api_versions, namespace, selector)
+            if listed is None:
+                evidence.not_installed[kind] = (
+                    f"the cluster does not serve {kind} ({' or '.join(api_versions)}): its CRD is not installed"
+                )
+                break
+            api_version, objects = listed
+            for obj in objects:
+                evidence.add(_typed(obj, api_version, kind))
     return evidence
+
+
+def _pod_scopes(evidence: Evidence, config: ControlConfig) -> list[tuple[str, str | None]]:
+    """(namespace, label selector) to list Pods in: every app namespace (the naked-Pod control), and the
+    API server's static pods in kube-system (the audit control). Listing every pod of a cluster is costly
+    and no control reads the others."""
+    namespaces = sorted(set(evidence.app_namespaces(config)) | set(config.app_namespaces))
+    scopes: list[tuple[str, str | None]] = [(namespace, None) for namespace in namespaces]
+    if POD_SCOPE[0] not in namespaces:
+        scopes.append(POD_SCOPE)
+    return scopes
 
 
 def _collect_constraints(kube: KubernetesClient, evidence: Evidence) -> None:
@@ -735,17 +756,25 @@ class _ManifestLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: i
         return BaseResolver.resolve(self, kind, value, implicit)
 
 
+def _metadata(obj: Obj) -> Obj:
+    metadata = obj.get("metadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def name_of(obj: Obj) -> str:
-    return (obj.get("metadata") or {}).get("name") or "?"
+    return _metadata(obj).get("name") or "?"
 
 
 def namespace_of(obj: Obj) -> str:
     """The object's namespace; ``default`` for a namespaced manifest that names none, as kubectl would."""
-    return (obj.get("metadata") or {}).get("namespace") or "default"
+    return _metadata(obj).get("namespace") or "default"
 
 
-def labels_of(obj: Obj) -> dict[str, str]:
-    return (obj.get("metadata") or {}).get("labels") or {}
+def labels_of(obj: Obj) -> dict[str, Any]:
+    """The object's labels; none when they are not a mapping (an odd shape, which the controls that
+    read labels report through ``controls/shapes.py``)."""
+    labels = _metadata(obj).get("labels")
+    return labels if isinstance(labels, dict) else {}
 
 
 def is_cluster_scoped(obj: Obj) -> bool:
@@ -764,49 +793,3 @@ def ref(obj: Obj) -> str:
     else:
         shown = f"{kind} {metadata.get('namespace') or 'default'}/{name}"
     return f"{shown}@{obj.environment}" if type(obj) is RenderedObject else shown
-
-
-def pod_spec(obj: Obj) -> Obj:
-    """The pod spec of a workload (Pod, Deployment, StatefulSet, DaemonSet, Job, CronJob)."""
-    spec = obj.get("spec") or {}
-    kind = obj.get("kind")
-    if kind == "Pod":
-        return spec
-    if kind == "CronJob":
-        spec = ((spec.get("jobTemplate") or {}).get("spec")) or {}
-    return ((spec.get("template") or {}).get("spec")) or {}
-
-
-def pod_labels(obj: Obj) -> dict[str, str]:
-    if obj.get("kind") == "Pod":
-        return labels_of(obj)
-    return (((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
-
-
-def containers(spec: Obj) -> list[Obj]:
-    return [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
-
-
-def is_controlled(obj: Obj) -> bool:
-    """Made by a controller (a Job of a CronJob, a Pod of a ReplicaSet): its owner is judged instead."""
-    return any(owner.get("controller") for owner in (obj.get("metadata") or {}).get("ownerReferences") or [])
-
-
-def selector_matches(selector: Obj | None, labels: dict[str, str]) -> bool:
-    """Whether a LabelSelector selects ``labels``; an empty selector selects everything, None nothing."""
-    if selector is None:
-        return False
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator, values = expression.get("key"), expression.get("operator"), expression.get("values") or []
-        if operator == "In" and labels.get(key) not in values:
-            return False
-        if operator == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if operator == "Exists" and key not in labels:
-            return False
-        if operator == "DoesNotExist" and key in labels:
-            return False
-    return True

@@ -191,7 +191,7 @@ class Report:
     def to_json(self, *, include_passing: bool = False) -> str:
         return json.dumps(self.to_dict(include_passing=include_passing), indent=1, ensure_ascii=False)
 
-    def to_markdown(self, *, max_failures: int = 20, max_chars: int = 12_000) -> str:
+    def to_markdown(self, *, max_failures: int = 20, max_chars: int = 16_000) -> str:
         return _markdown(self, max_failures, max_chars)
 
     def to_html(self) -> str:
@@ -516,6 +516,7 @@ def _result_dict(result: ControlResult) -> dict[str, Any]:
         "severity": control.severity,
         "requirement": control.requirement,
         "framework": control.framework,
+        "source": control.source,
         "remediation": control.remediation,
         "evidence": sorted(control.evidence),
         "score": result.score,
@@ -539,6 +540,11 @@ def _finding_dict(finding: Finding) -> dict[str, Any]:
         "link": finding.link,
         "location": finding.location,
     }
+
+
+def _sources(control: Control) -> str:
+    """What a control follows: the infra plan / InfraSpec section, the CIS item, the other standard and its field."""
+    return "; ".join(part for part in (control.requirement, control.framework, control.source) if part)
 
 
 def _md_cell(value: object) -> str:
@@ -565,13 +571,12 @@ def _markdown(report: Report, max_failures: int, max_chars: int) -> str:
             f"Since {report.trend.previous_generated_at}: {shown}, {len(report.trend.new_findings)} new, "
             f"{len(report.trend.fixed_findings)} fixed."
         )
-    lines += ["", "| control | title | severity | score | failing | excepted |", "|" + " --- |" * 6]
-    for result in report.results:
-        control = result.control
-        lines.append(
-            f"| {control.id} | {_md_cell(control.title)} | {control.severity} | {_percent(result.score)} | "
-            f"{result.failed} | {result.excepted} |"
-        )
+    table = _md_controls(report, with_sources=True)
+    if len("\n".join(lines + table)) > max_chars - 120:
+        table = _md_controls(report, with_sources=False)
+        table.append("\n_The sources of each control (requirement, CIS item, PSS profile and field): "
+                     "see the JSON or HTML report._")
+    lines += table
     failures = report.open_findings()
     if failures:
         lines += ["", f"**Top failures** ({min(len(failures), max_failures)} of {len(failures)})", "",
@@ -590,6 +595,22 @@ def _markdown(report: Report, max_failures: int, max_chars: int) -> str:
     if shown < len(failures):
         text += f"\n\n_{len(failures) - shown} more failing objects: see the JSON or HTML report._"
     return text
+
+
+def _md_controls(report: Report, *, with_sources: bool) -> list[str]:
+    """The control table; ``with_sources`` adds what each control follows (:func:`_sources`)."""
+    header = "| control | title | severity | score | failing | excepted |" + (" sources |" if with_sources else "")
+    lines = ["", header, "|" + " --- |" * (7 if with_sources else 6)]
+    for result in report.results:
+        control = result.control
+        row = (
+            f"| {control.id} | {_md_cell(control.title)} | {control.severity} | {_percent(result.score)} | "
+            f"{result.failed} | {result.excepted} |"
+        )
+        if with_sources:
+            row += f" {_md_cell(_sources(control))} |"
+        lines.append(row)
+    return lines
 
 
 _CSS = """
@@ -634,7 +655,7 @@ def _html(report: Report) -> str:
             )
     parts.append(
         "<h2>Controls</h2><table><tr><th>id</th><th>title</th><th>severity</th><th>score</th><th>objects</th>"
-        "<th>failing</th><th>excepted</th><th>requirement</th><th>framework</th><th>note</th></tr>"
+        "<th>failing</th><th>excepted</th><th>requirement</th><th>framework</th><th>source</th><th>note</th></tr>"
     )
     for result in report.results:
         c = result.control
@@ -642,7 +663,7 @@ def _html(report: Report) -> str:
             f"<tr><td>{e(c.id)}</td><td>{e(c.title)}</td><td class={c.severity}>{c.severity}</td>"
             f"<td>{e(_percent(result.score))}</td><td>{result.total}</td><td>{result.failed}</td>"
             f"<td>{result.excepted}</td><td>{e(c.requirement)}</td><td>{e(c.framework or '')}</td>"
-            f"<td>{e(result.note or '')}</td></tr>"
+            f"<td>{e(c.source or '')}</td><td>{e(result.note or '')}</td></tr>"
         )
     parts.append("</table>")
     parts.append("<h2>Failing objects</h2>")
@@ -710,6 +731,7 @@ def _text_lines(report: Report, max_failures: int | None) -> Iterator[str]:
             f"{_percent(result.score):>6}  {result.control.id:15} {result.control.severity:5} "
             f"{result.failed:>5} failing {result.excepted:>3} excepted  {result.control.title}{note}"
         )
+        yield f"{'':8}sources: {_sources(result.control)}"
         if result.failed:
             yield f"{'':8}fix: {result.control.remediation}"
     for label in report.unused_exceptions:
