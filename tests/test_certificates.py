@@ -1,7 +1,10 @@
-"""Certificate inventory and renewal against real TLS servers on 127.0.0.1 and the fake Kubernetes API.
+"""Certificate inventory and renewal against real TLS servers on 127.0.0.1 and the real Kubernetes API server.
 
-Every certificate is made here (tests/fixtures/tls.py); cert-manager is played
-by a thread writing to the fake API server, as its controllers would.
+Every certificate is made here (tests/fixtures/tls.py). The code runs as the
+code location's identity (infra/dagster/rbac.yaml); the Certificate CRD is
+the trimmed copy of infra/crds. cert-manager's controllers are not running:
+:func:`play_cert_manager` stands in for them, writing as admin the Secrets
+and the Certificate status (its status subresource) they would write.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -50,23 +55,12 @@ from ops_platform.certificates.x509_info import (
 from ops_platform.errors import ServerUnreachableError
 from ops_platform.local_servers.process import free_port
 from ops_platform.resources.kubernetes import KubernetesResource
+from tests.fixtures.kube_server import KubeCluster
 from tests.fixtures.tls import CertificateAuthority
 
 CM = "cert-manager.io/v1"
-CERTIFICATE_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "certificates.cert-manager.io"},
-    "spec": {
-        "group": "cert-manager.io",
-        "scope": "Namespaced",
-        "names": {"plural": "certificates", "singular": "certificate", "kind": "Certificate",
-                  "shortNames": ["cert", "certs"]},
-        "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
-                      "schema": {"openAPIV3Schema": {"type": "object",
-                                                     "x-kubernetes-preserve-unknown-fields": True}}}],
-    },
-}
+CERTIFICATE_CRD = "certificates.cert-manager.io"
+WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
 LOOPBACK = "127.0.0.1"
 
 
@@ -106,15 +100,68 @@ def certificate_object(namespace, name, secret, dns_names, *, not_after=None, re
             "status": status}
 
 
-@pytest.fixture
-def kube(kubeconfig_path):
-    return KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake").get_client()
+@dataclass(frozen=True)
+class Namespaces:
+    """The namespaces of one test: the apps', the platform's and a legacy one."""
+
+    apps: str
+    ops: str
+    legacy: str
+
+    def __contains__(self, row_name: str) -> bool:
+        return row_name.split("/")[0] in (self.apps, self.ops, self.legacy)
+
+
+@pytest.fixture(scope="module")
+def module_namespaces(kube_cluster: KubeCluster) -> Iterator[Namespaces]:
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    made = Namespaces(f"{prefix}-apps", f"{prefix}-ops", f"{prefix}-legacy")
+    for name in (made.apps, made.ops, made.legacy):
+        kube_cluster.create_namespace(name)
+    yield made
+    for name in (made.apps, made.ops, made.legacy):
+        kube_cluster.delete_object("v1", "Namespace", name)
 
 
 @pytest.fixture
-def cert_manager(kube, kube_api):
-    kube.apply(CERTIFICATE_CRD)
-    return kube_api
+def ns(kube_cluster: KubeCluster, kube_crds: list[str], module_namespaces: Namespaces) -> Iterator[Namespaces]:
+    """The module's namespaces, emptied of this test's Certificates and Secrets afterwards."""
+    yield module_namespaces
+    for name in (module_namespaces.apps, module_namespaces.ops, module_namespaces.legacy):
+        for api_version, kind in ((CM, "Certificate"), ("v1", "Secret")):
+            for obj in kube_cluster.list_objects(api_version, kind, name):
+                if obj.get("type") != "kubernetes.io/service-account-token":
+                    kube_cluster.delete_object(api_version, kind, obj["metadata"]["name"], name)
+
+
+@pytest.fixture
+def kube(kube_cluster, tmp_path):
+    path = kube_cluster.write_kubeconfig(tmp_path / "kubeconfig", "ops-platform")
+    client = KubernetesResource(kubeconfig=str(path)).get_client()
+    yield client
+    client.api_client.close()
+
+
+@pytest.fixture
+def cert_manager(kube_cluster, ns):
+    """The cluster with cert-manager's CRDs; what cert-manager's controllers write, tests write as admin."""
+    return kube_cluster
+
+
+def put_certificate(cluster: KubeCluster, certificate: dict) -> None:
+    """A Certificate as cert-manager keeps it: the spec, then its status through the status subresource."""
+    metadata = {k: v for k, v in certificate["metadata"].items() if k != "generation"}
+    cluster.put_object({**{k: v for k, v in certificate.items() if k != "status"}, "metadata": metadata})
+    cluster.set_status(CM, "Certificate", metadata["name"], metadata["namespace"], certificate["status"])
+
+
+def ours(inventory, ns: Namespaces):
+    """The rows of this test: its namespaces' and its endpoints' (the session's server holds other tests' too)."""
+    return [row for row in inventory.rows if row.source == "endpoint" or row.name in ns]
+
+
+def writes_since(cluster: KubeCluster, mark: tuple[int, str]) -> list[dict]:
+    return [event for event in cluster.audit_events_since(mark) if event["verb"] in WRITE_VERBS]
 
 
 # x509 facts, key policy, names
@@ -313,7 +360,7 @@ def test_inventory_of_endpoints_only(tls_ca, tls_server, hanging_port, refused_p
     assert table[2]["days left"] < 0 and table[-1]["days left"] > 199 and table[-1]["findings"]
 
 
-def test_inventory_links_cert_manager_secrets_and_endpoints(tls_ca, tls_server, cert_manager, kube):
+def test_inventory_links_cert_manager_secrets_and_endpoints(tls_ca, tls_server, cert_manager, kube, ns):
     intermediate = tls_ca.intermediate()
     roots = [certificate_info(tls_ca.certificate)]
     current = intermediate.issue(["onto.test"], days=80)
@@ -321,24 +368,26 @@ def test_inventory_links_cert_manager_secrets_and_endpoints(tls_ca, tls_server, 
     expired = intermediate.issue(["stale.test"], not_after=now() - timedelta(days=1))
     api = intermediate.issue(["api.test"], days=120)
     legacy = intermediate.issue(["legacy.test"], days=20)
-    cert_manager.put_object(certificate_object("apps", "onto", "onto-tls", ["onto.test"],
-                                               not_after=current.certificate.not_valid_after_utc))
-    cert_manager.put_object(current.tls_secret("apps", "onto-tls", ca=tls_ca.certificate))
-    cert_manager.put_object(certificate_object("ops", "stale", "stale-tls", ["stale.test"],
-                                               not_after=now() + timedelta(days=59)))
-    cert_manager.put_object(expired.tls_secret("ops", "stale-tls"))
-    cert_manager.put_object(certificate_object("apps", "api", "api-tls", ["api.test"], revision=3,
-                                               not_after=api.certificate.not_valid_after_utc))
-    cert_manager.put_object(api.tls_secret("apps", "api-tls"))
-    cert_manager.put_object(certificate_object("apps", "pending", "pending-tls", ["pending.test"], ready="False",
-                                               extra_status={"failedIssuanceAttempts": 2,
-                                                             "lastFailureTime": rfc3339(now())}))
-    cert_manager.put_object(legacy.tls_secret("legacy", "legacy-tls"))
-    garbled = legacy.tls_secret("legacy", "garbled-tls")
-    garbled["data"]["tls.crt"] = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").decode()
+    put_certificate(cert_manager, certificate_object(ns.apps, "onto", "onto-tls", ["onto.test"],
+                                                     not_after=current.certificate.not_valid_after_utc))
+    cert_manager.put_object(current.tls_secret(ns.apps, "onto-tls", ca=tls_ca.certificate))
+    put_certificate(cert_manager, certificate_object(ns.ops, "stale", "stale-tls", ["stale.test"],
+                                                     not_after=now() + timedelta(days=59)))
+    cert_manager.put_object(expired.tls_secret(ns.ops, "stale-tls"))
+    put_certificate(cert_manager, certificate_object(ns.apps, "api", "api-tls", ["api.test"], revision=3,
+                                                     not_after=api.certificate.not_valid_after_utc))
+    cert_manager.put_object(api.tls_secret(ns.apps, "api-tls"))
+    put_certificate(cert_manager, certificate_object(ns.apps, "pending", "pending-tls", ["pending.test"],
+                                                     ready="False", extra_status={
+                                                         "failedIssuanceAttempts": 2,
+                                                         "lastFailureTime": rfc3339(now())}))
+    cert_manager.put_object(legacy.tls_secret(ns.legacy, "legacy-tls"))
+    garbled = legacy.tls_secret(ns.legacy, "garbled-tls")
+    garbled["data"]["tls.crt"] = base64.b64encode(
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").decode()
     cert_manager.put_object(garbled)
     cert_manager.put_object({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                             "metadata": {"name": "not-tls", "namespace": "apps"}, "data": {"a": "Yg=="}})
+                             "metadata": {"name": "not-tls", "namespace": ns.apps}, "data": {"a": "Yg=="}})
     onto_server = tls_server(older)
     api_server = tls_server(api)
     onto_endpoint, api_endpoint = f"onto.test:{onto_server.port}", f"api.test:{api_server.port}"
@@ -346,52 +395,63 @@ def test_inventory_links_cert_manager_secrets_and_endpoints(tls_ca, tls_server, 
     inventory = build_inventory(kube, [onto_endpoint, api_endpoint], probe_timeout=2, trust_roots=roots,
                                 resolve=resolve_all("onto.test", "api.test"))
 
-    names = {(row.source, row.name) for row in inventory.rows}
-    assert names == {("cert-manager", "apps/onto"), ("cert-manager", "ops/stale"), ("cert-manager", "apps/api"),
-                     ("cert-manager", "apps/pending"), ("secret", "legacy/legacy-tls"),
-                     ("secret", "legacy/garbled-tls"), ("endpoint", onto_endpoint), ("endpoint", api_endpoint)}
-    onto = inventory.row("apps/onto")
-    assert onto.findings == [] and onto.endpoints == (onto_endpoint,) and onto.leaf.fingerprint_sha256 == current.fingerprint
-    assert onto.chain_verification.method == "webpki"
+    rows = ours(inventory, ns)
+    assert {(row.source, row.name) for row in rows} == {
+        ("cert-manager", f"{ns.apps}/onto"), ("cert-manager", f"{ns.ops}/stale"), ("cert-manager", f"{ns.apps}/api"),
+        ("cert-manager", f"{ns.apps}/pending"), ("secret", f"{ns.legacy}/legacy-tls"),
+        ("secret", f"{ns.legacy}/garbled-tls"), ("endpoint", onto_endpoint), ("endpoint", api_endpoint)}
+    onto = inventory.row(f"{ns.apps}/onto")
+    assert onto.findings == [] and onto.endpoints == (onto_endpoint,)
+    assert onto.leaf.fingerprint_sha256 == current.fingerprint and onto.chain_verification.method == "webpki"
     served = inventory.row(onto_endpoint)
-    assert served.served_is_stored is False and served.stored == ("apps/onto",)
+    assert served.served_is_stored is False and served.stored == (f"{ns.apps}/onto",)
     [stale_serving] = [f for f in served.findings if f.check == CHECK_SERVED_IS_STORED]
     assert stale_serving.severity == "ERROR" and current.fingerprint[:16] in stale_serving.message
     api_row = inventory.row(api_endpoint)
     assert api_row.served_is_stored is True and api_row.findings == []
-    stale = {(f.check, f.severity): f.message for f in inventory.row("ops/stale").findings}
-    assert "Ready=True although the certificate in Secret ops/stale-tls expired" in stale[(CHECK_SERVED_IS_STORED, "ERROR")]
+    stale = {(f.check, f.severity): f.message for f in inventory.row(f"{ns.ops}/stale").findings}
+    assert f"Ready=True although the certificate in Secret {ns.ops}/stale-tls expired" in stale[
+        (CHECK_SERVED_IS_STORED, "ERROR")]
     assert "7895" in stale[(CHECK_SERVED_IS_STORED, "ERROR")]
     assert (CHECK_EXPIRY, "ERROR") in stale and (CHECK_SERVED_IS_STORED, "WARN") in stale
-    pending = {(f.check, f.severity) for f in inventory.row("apps/pending").findings}
+    pending = {(f.check, f.severity) for f in inventory.row(f"{ns.apps}/pending").findings}
     assert pending == {(CHECK_ISSUANCE, "ERROR"), (CHECK_ISSUANCE, "WARN")}
-    assert [f.check for f in inventory.row("legacy/legacy-tls").findings] == [CHECK_EXPIRY]
-    assert "tls.crt of Secret legacy/garbled-tls is not a PEM" in inventory.row("legacy/garbled-tls").error
-    assert inventory.rows[0].days_left is None
+    assert [f.check for f in inventory.row(f"{ns.legacy}/legacy-tls").findings] == [CHECK_EXPIRY]
+    assert f"tls.crt of Secret {ns.legacy}/garbled-tls is not a PEM" in inventory.row(f"{ns.legacy}/garbled-tls").error
+    assert rows[0].days_left is None
     table = {row["name"]: row for row in inventory.table_rows()}
-    assert table["apps/api"]["cert-manager"] == "Ready=True rev 3" and table[onto_endpoint]["served"] == "≠ stored"
+    assert table[f"{ns.apps}/api"]["cert-manager"] == "Ready=True rev 3"
+    assert table[onto_endpoint]["served"] == "≠ stored"
 
 
-def test_without_cert_manager_the_inventory_still_has_secrets_and_endpoints(tls_ca, tls_server, kube, kube_api):
+def test_without_cert_manager_the_inventory_still_has_secrets_and_endpoints(tls_ca, tls_server, kube_cluster, kube,
+                                                                            ns):
     issued = tls_ca.issue(["legacy.test"], days=200)
-    kube_api.put_object(issued.tls_secret("legacy", "legacy-tls"))
+    kube_cluster.put_object(issued.tls_secret(ns.legacy, "legacy-tls"))
     server = tls_server(issued)
     endpoint = f"legacy.test:{server.port}"
-    inventory = build_inventory(kube, [endpoint], probe_timeout=2, trust_roots=[certificate_info(tls_ca.certificate)],
-                                resolve=resolve_all("legacy.test"))
-    assert {(row.source, row.name) for row in inventory.rows} == {("secret", "legacy/legacy-tls"), ("endpoint", endpoint)}
+    removed = kube_cluster.remove_crds(CERTIFICATE_CRD)
+    try:
+        inventory = build_inventory(kube, [endpoint], probe_timeout=2,
+                                    trust_roots=[certificate_info(tls_ca.certificate)],
+                                    resolve=resolve_all("legacy.test"))
+    finally:
+        kube_cluster.reinstall_crds(removed)
+    rows = ours(inventory, ns)
+    assert {(row.source, row.name) for row in rows} == {("secret", f"{ns.legacy}/legacy-tls"), ("endpoint", endpoint)}
     assert any("cert-manager is not installed" in note for note in inventory.notes)
-    assert inventory.row(endpoint).served_is_stored is True and inventory.findings() == []
+    assert inventory.row(endpoint).served_is_stored is True
+    assert [finding for row in rows for finding in row.findings] == []
 
 
 def test_a_certificate_not_yet_valid_is_an_expiry_error_whether_served_or_stored(
-    tls_ca, tls_server, cert_manager, kube
+    tls_ca, tls_server, cert_manager, kube, ns
 ):
     checked_at = now()
     starts = checked_at + timedelta(days=3)
     early = tls_ca.intermediate().issue(["early.test"], not_before=starts, not_after=starts + timedelta(days=90))
-    cert_manager.put_object(early.tls_secret("apps", "early-tls"))
-    cert_manager.put_object(certificate_object("apps", "pending", "pending-tls", ["pending.test"], extra_status={
+    cert_manager.put_object(early.tls_secret(ns.apps, "early-tls"))
+    put_certificate(cert_manager, certificate_object(ns.apps, "pending", "pending-tls", ["pending.test"], extra_status={
         "notBefore": rfc3339(starts), "notAfter": rfc3339(starts + timedelta(days=90))}))
     server = tls_server(early)
     endpoint = f"early.test:{server.port}"
@@ -399,7 +459,7 @@ def test_a_certificate_not_yet_valid_is_an_expiry_error_whether_served_or_stored
     inventory = build_inventory(kube, [endpoint], clock=lambda: checked_at, probe_timeout=2,
                                 trust_roots=[certificate_info(tls_ca.certificate)], resolve=resolve_all("early.test"))
 
-    for name in ("apps/early-tls", endpoint):
+    for name in (f"{ns.apps}/early-tls", endpoint):
         row = inventory.row(name)
         [finding] = row.findings
         assert (finding.check, finding.severity) == (CHECK_EXPIRY, "ERROR")
@@ -407,27 +467,31 @@ def test_a_certificate_not_yet_valid_is_an_expiry_error_whether_served_or_stored
         assert row.chain_verification.ok, "the chain is sound: only the validity window is wrong"
         assert row.days_left > 90
     assert inventory.row(endpoint).served_is_stored is True
-    from_status = [f for f in inventory.row("apps/pending").findings if f.check == CHECK_EXPIRY]
+    from_status = [f for f in inventory.row(f"{ns.apps}/pending").findings if f.check == CHECK_EXPIRY]
     assert [f.severity for f in from_status] == ["ERROR"]
     assert "not valid until" in from_status[0].message and "from the Certificate's status" in from_status[0].message
     table = {row["name"]: row for row in inventory.table_rows()}
     assert table[endpoint]["not before"] == f"{early.certificate.not_valid_before_utc:%Y-%m-%d %H:%M}"
     assert list(table[endpoint])[:3] == ["days left", "not before", "not after"]
     validity = {row["name"]: row for row in inventory.validity_rows()}
-    assert validity["apps/early-tls"] == {
-        "name": "apps/early-tls", "source": "secret", "days_left": round(inventory.row("apps/early-tls").days_left, 3),
+    assert validity[f"{ns.apps}/early-tls"] == {
+        "name": f"{ns.apps}/early-tls", "source": "secret",
+        "days_left": round(inventory.row(f"{ns.apps}/early-tls").days_left, 3),
         "not_before": early.certificate.not_valid_before_utc.isoformat(),
         "not_after": early.certificate.not_valid_after_utc.isoformat(),
     }
-    assert validity["apps/pending"]["not_before"] == rfc3339(starts).replace("Z", "+00:00")
+    assert validity[f"{ns.apps}/pending"]["not_before"] == rfc3339(starts).replace("Z", "+00:00")
 
 
-def test_unreachable_cluster_names_the_setting(kube_api, tmp_path):
-    config = kube_api.kubeconfig()
-    config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{free_port()}"
+def test_unreachable_cluster_names_the_setting(tmp_path):
     path = tmp_path / "kubeconfig"
-    path.write_text(json.dumps(config))
-    client = KubernetesResource(kubeconfig=str(path), context="fake", request_timeout=2).get_client()
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "down",
+        "clusters": [{"name": "down", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
+        "users": [{"name": "down", "user": {"token": "t"}}],
+        "contexts": [{"name": "down", "context": {"cluster": "down", "user": "down"}}],
+    }))
+    client = KubernetesResource(kubeconfig=str(path), context="down", request_timeout=2).get_client()
     with pytest.raises(ServerUnreachableError, match="check KUBECONFIG / OPS_KUBE_CONTEXT"):
         build_inventory(client, [], trust_roots=[])
 
@@ -447,14 +511,15 @@ def test_issuing_condition_is_the_one_cmctl_sets():
     assert len(again) == 2 and again[1]["lastTransitionTime"] == "2026-03-01T12:00:00Z"
 
 
-def play_cert_manager(kube_api, namespace, name, new_issued, *, then=None, fail=False):
-    """A thread acting as cert-manager: on Issuing=True ManuallyTriggered, issue a new revision (or fail)."""
+def play_cert_manager(cluster, namespace, name, new_issued, *, then=None, fail=False):
+    """A thread standing in for cert-manager: on Issuing=True ManuallyTriggered, issue a new revision (or fail),
+    writing as admin the Secret and the Certificate status its controllers would write."""
     seen: dict = {}
 
     def controller() -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            certificate = kube_api.get_object(CM, "certificates", name, namespace)
+            certificate = cluster.get_object(CM, "Certificate", name, namespace)
             issuing = [c for c in certificate["status"]["conditions"] if c["type"] == "Issuing"]
             if issuing and issuing[0]["status"] == "True":
                 seen["issuing"] = issuing[0]
@@ -468,15 +533,15 @@ def play_cert_manager(kube_api, namespace, name, new_issued, *, then=None, fail=
             conditions.append({"type": "Issuing", "status": "False", "reason": "Failed",
                                "message": "The certificate request has failed to complete and will be retried: "
                                           "issuer platform-ca is not ready"})
-            kube_api.set_status(CM, "certificates", name, namespace,
-                                {**status, "conditions": conditions, "failedIssuanceAttempts": 1,
-                                 "lastFailureTime": rfc3339(now())})
+            cluster.set_status(CM, "Certificate", name, namespace,
+                               {**status, "conditions": conditions, "failedIssuanceAttempts": 1,
+                                "lastFailureTime": rfc3339(now())})
             return
-        kube_api.put_object(new_issued.tls_secret(namespace, certificate["spec"]["secretName"]))
+        cluster.put_object(new_issued.tls_secret(namespace, certificate["spec"]["secretName"]))
         conditions = [c for c in status["conditions"] if c["type"] != "Issuing"]
-        kube_api.set_status(CM, "certificates", name, namespace,
-                            {**status, "conditions": conditions, "revision": status["revision"] + 1,
-                             "notAfter": rfc3339(new_issued.certificate.not_valid_after_utc)})
+        cluster.set_status(CM, "Certificate", name, namespace,
+                           {**status, "conditions": conditions, "revision": status["revision"] + 1,
+                            "notAfter": rfc3339(new_issued.certificate.not_valid_after_utc)})
         if then is not None:
             time.sleep(0.3)
             then()
@@ -486,30 +551,31 @@ def play_cert_manager(kube_api, namespace, name, new_issued, *, then=None, fail=
     return thread, seen
 
 
-def renewal_setup(tls_ca, tls_server, cert_manager, kube):
+def renewal_setup(tls_ca, tls_server, cert_manager, kube, ns):
     intermediate = tls_ca.intermediate()
     old = intermediate.issue(["onto.test"], days=20)
-    cert_manager.put_object(certificate_object("apps", "onto", "onto-tls", ["onto.test"], revision=1, generation=2,
-                                               not_after=old.certificate.not_valid_after_utc))
-    cert_manager.put_object(old.tls_secret("apps", "onto-tls"))
-    cert_manager.put_object(intermediate.issue(["legacy.test"], days=5).tls_secret("legacy", "legacy-tls"))
+    put_certificate(cert_manager, certificate_object(ns.apps, "onto", "onto-tls", ["onto.test"], revision=1,
+                                                     not_after=old.certificate.not_valid_after_utc))
+    cert_manager.put_object(old.tls_secret(ns.apps, "onto-tls"))
+    cert_manager.put_object(intermediate.issue(["legacy.test"], days=5).tls_secret(ns.legacy, "legacy-tls"))
     server = tls_server(old)
     external = tls_server(CertificateAuthority("cdn root").issue(["cdn.test"], days=3))
     endpoints = [f"onto.test:{server.port}", f"cdn.test:{external.port}"]
     resolve = resolve_all("onto.test", "cdn.test")
     inventory = build_inventory(kube, endpoints, probe_timeout=2, trust_roots=[certificate_info(tls_ca.certificate)],
                                 resolve=resolve)
+    inventory.rows[:] = ours(inventory, ns)  # renew this test's certificates only, not other tests' on the server
     probe = functools.partial(probe_endpoint, timeout=1, resolve=resolve)
     return intermediate, server, endpoints, inventory, probe
 
 
 def test_renewal_triggers_cert_manager_and_waits_until_the_new_certificate_is_served(
-    tls_ca, tls_server, cert_manager, kube
+    tls_ca, tls_server, cert_manager, kube, ns
 ):
-    intermediate, server, endpoints, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube)
+    intermediate, server, endpoints, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube, ns)
     rows = certificates_to_renew(inventory)
     assert {(row.source, row.name) for row in rows} == {
-        ("cert-manager", "apps/onto"), ("secret", "legacy/legacy-tls"), ("endpoint", endpoints[1])}
+        ("cert-manager", f"{ns.apps}/onto"), ("secret", f"{ns.legacy}/legacy-tls"), ("endpoint", endpoints[1])}
     new = intermediate.issue(["onto.test"], days=90)
     served_at: list[float] = []
 
@@ -517,49 +583,53 @@ def test_renewal_triggers_cert_manager_and_waits_until_the_new_certificate_is_se
         server.serve(new)
         served_at.append(time.monotonic())
 
-    thread, seen = play_cert_manager(cert_manager, "apps", "onto", new, then=reload_ingress)
+    mark = cert_manager.audit_mark()
+    thread, seen = play_cert_manager(cert_manager, ns.apps, "onto", new, then=reload_ingress)
     report = renew(kube, rows, dry_run=False, wait_timeout=10, probe=probe, poll_interval=0.05)
     finished = time.monotonic()
     thread.join(timeout=5)
 
     assert seen["issuing"]["reason"] == ISSUING_REASON and seen["issuing"]["message"] == ISSUING_MESSAGE
-    generation = cert_manager.get_object(CM, "certificates", "onto", "apps")["metadata"]["generation"]
+    generation = cert_manager.get_object(CM, "Certificate", "onto", ns.apps)["metadata"]["generation"]
     assert seen["issuing"]["observedGeneration"] == generation and seen["issuing"]["lastTransitionTime"].endswith("Z")
-    patches = [r for r in cert_manager.requests if r.method == "PATCH" and r.path.endswith("/certificates/onto/status")]
-    assert len(patches) == 1 and patches[0].content_type.startswith("application/merge-patch+json")
+    assert [(e["verb"], e["objectRef"]["resource"], e["objectRef"].get("subresource"), e["objectRef"]["name"])
+            for e in writes_since(cert_manager, mark)] == [("patch", "certificates", "status", "onto")]
     results = {r.name: r for r in report.results}
-    onto = results["apps/onto"]
+    onto = results[f"{ns.apps}/onto"]
     assert onto.action == "renewed", onto.detail
     assert (onto.revision_before, onto.revision_after) == (1, 2)
     assert onto.fingerprint_after == new.fingerprint and onto.served == (endpoints[0],)
     assert served_at and finished >= served_at[0], "renew returned before the new certificate was served"
-    assert results["legacy/legacy-tls"].action == "manual"
-    assert "kubectl create secret tls legacy-tls -n legacy" in results["legacy/legacy-tls"].detail
+    assert results[f"{ns.legacy}/legacy-tls"].action == "manual"
+    assert f"kubectl create secret tls legacy-tls -n {ns.legacy}" in results[f"{ns.legacy}/legacy-tls"].detail
     assert results[endpoints[1]].action == "manual" and "not stored in this cluster" in results[endpoints[1]].detail
     table = {row["certificate"]: row for row in report.table_rows()}
-    assert table["cert-manager apps/onto"]["revision"] == "1 → 2" and table["cert-manager apps/onto"]["served at"]
+    assert table[f"cert-manager {ns.apps}/onto"]["revision"] == "1 → 2"
+    assert table[f"cert-manager {ns.apps}/onto"]["served at"]
 
 
-def test_dry_run_patches_nothing_and_says_what_it_would_do(tls_ca, tls_server, cert_manager, kube):
-    _, _, endpoints, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube)
-    before = cert_manager.get_object(CM, "certificates", "onto", "apps")
-    cert_manager.requests.clear()
+def test_dry_run_patches_nothing_and_says_what_it_would_do(tls_ca, tls_server, cert_manager, kube, ns):
+    _, _, endpoints, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube, ns)
+    before = cert_manager.get_object(CM, "Certificate", "onto", ns.apps)
+    mark = cert_manager.audit_mark()
     report = renew(kube, certificates_to_renew(inventory), dry_run=True, wait_timeout=10, probe=probe)
-    assert not [r for r in cert_manager.requests if r.method not in ("GET",)]
-    assert cert_manager.get_object(CM, "certificates", "onto", "apps") == before
-    onto = next(r for r in report.results if r.name == "apps/onto")
+    assert writes_since(cert_manager, mark) == []
+    after = cert_manager.get_object(CM, "Certificate", "onto", ns.apps)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    onto = next(r for r in report.results if r.name == f"{ns.apps}/onto")
     assert onto.action == "would renew" and report.dry_run
-    assert onto.detail.startswith("would set Issuing=True (ManuallyTriggered) on the status of Certificate apps/onto")
+    assert onto.detail.startswith(
+        f"would set Issuing=True (ManuallyTriggered) on the status of Certificate {ns.apps}/onto")
     assert f"until {endpoints[0]} serve the new certificate" in onto.detail
 
 
 def test_renewal_reports_a_failed_issuance_a_silent_controller_and_an_endpoint_that_never_reloads(
-    tls_ca, tls_server, cert_manager, kube
+    tls_ca, tls_server, cert_manager, kube, ns
 ):
-    intermediate, _, _, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube)
-    [row] = [r for r in certificates_to_renew(inventory) if r.name == "apps/onto"]
+    intermediate, _, _, inventory, probe = renewal_setup(tls_ca, tls_server, cert_manager, kube, ns)
+    [row] = [r for r in certificates_to_renew(inventory) if r.name == f"{ns.apps}/onto"]
 
-    thread, _ = play_cert_manager(cert_manager, "apps", "onto", None, fail=True)
+    thread, _ = play_cert_manager(cert_manager, ns.apps, "onto", None, fail=True)
     failed = renew(kube, [row], dry_run=False, wait_timeout=5, probe=probe).results[0]
     thread.join(timeout=5)
     assert failed.action == "failed" and "issuer platform-ca is not ready" in failed.detail
@@ -567,12 +637,12 @@ def test_renewal_reports_a_failed_issuance_a_silent_controller_and_an_endpoint_t
     started = time.monotonic()
     silent = renew(kube, [row], dry_run=False, wait_timeout=1, probe=probe).results[0]
     assert silent.action == "failed" and time.monotonic() - started < 4
-    assert "timed out after 1 s waiting for Certificate apps/onto" in silent.detail
+    assert f"timed out after 1 s waiting for Certificate {ns.apps}/onto" in silent.detail
 
-    cert_manager.set_status(CM, "certificates", "onto", "apps",
+    cert_manager.set_status(CM, "Certificate", "onto", ns.apps,
                             {"revision": 1, "conditions": [{"type": "Ready", "status": "True"}]})
     new = intermediate.issue(["onto.test"], days=90)
-    thread, _ = play_cert_manager(cert_manager, "apps", "onto", new)
+    thread, _ = play_cert_manager(cert_manager, ns.apps, "onto", new)
     not_reloaded = renew(kube, [row], dry_run=False, wait_timeout=5, serve_timeout=0.5, probe=probe,
                          poll_interval=0.1).results[0]
     thread.join(timeout=5)

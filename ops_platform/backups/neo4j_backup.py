@@ -35,7 +35,8 @@ Neo4j started inside the Job's own pod, creates that database, counts nodes
 and relationships and runs the ``verify_sql`` Cypher queries (each must
 return one value), and reports them in its termination message. The live
 servers are never written; cleaning up is deleting the Job and its pods.
-End-to-end verification needs a cluster: the tests play the Job controller.
+The tests run the Jobs on a real API server (Job controller, garbage
+collector) and play what runs in the pods; running neo4j-admin needs a cluster.
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ class Neo4jBackupDriver:
         return messages
 
     def _delete(self, name: str, namespace: str, created: list[tuple[str, str]]) -> None:
-        """Jobs deleted through the API keep their pods (orphan): delete those too."""
+        """Jobs deleted through batch/v1 keep their pods (its default propagation is orphan): delete those too."""
         for api_version, kind in reversed(created):
             self.kube.delete(api_version, kind, name, namespace)
         if ("batch/v1", "Job") in created:

@@ -91,6 +91,10 @@ EXCLUDE_LABEL = "velero.io/exclude-from-backup"
 SCRATCH_POLICY = "ops-restore-test-deny-all"
 # The namespaced data a restore test brings back and counts (PersistentVolumes are cluster-scoped).
 COUNTED_RESOURCES = ("persistentvolumeclaims", "configmaps", "secrets")
+# What the cluster itself puts in every namespace, a scratch one included, whatever Velero restores: the
+# root CA publisher's ConfigMap and (before Kubernetes 1.24) the service accounts' token Secrets.
+ROOT_CA_CONFIGMAP = "kube-root-ca.crt"
+SERVICE_ACCOUNT_TOKEN = "kubernetes.io/service-account-token"
 
 
 def finished() -> Condition:
@@ -410,6 +414,9 @@ class VeleroBackupDriver:
         return problems
 
     def _refuse_foreign_namespaces(self, mapping: dict[str, str], datastore: str) -> None:
+        """Refuse before any write if a scratch namespace is someone else's; then delete the ones an earlier
+        restore test left (Terminating ones included: deletion finishes in the background) and wait for all."""
+        leftovers = []
         for scratch in mapping.values():
             existing = self.kube.get("v1", "Namespace", scratch)
             if existing is None:
@@ -421,13 +428,19 @@ class VeleroBackupDriver:
                     f"'{datastore}' (no label {RESTORE_TEST_LABEL}={datastore}); refusing to restore into it, "
                     "since the restore test deletes its scratch namespaces (check restore_test.target.namespace)"
                 )
-            self.kube.delete("v1", "Namespace", scratch)  # left by an interrupted restore test
+            leftovers.append(scratch)
+        for scratch in leftovers:
+            self.kube.delete("v1", "Namespace", scratch)
+        deadline = self.clock() + self.namespace_timeout
+        for scratch in leftovers:
             try:
-                self.kube.wait_for("v1", "Namespace", scratch, None, deleted(), timeout=self.namespace_timeout)
+                self.kube.wait_for("v1", "Namespace", scratch, None, deleted(),
+                                   timeout=max(deadline - self.clock(), 0.0))
             except WaitTimeout:
                 raise RestoreError(
                     f"velero: leftover scratch namespace {scratch} is still terminating after "
-                    f"{self.namespace_timeout:g} s"
+                    f"{self.namespace_timeout:g} s (`kubectl get namespace {scratch} -o yaml` shows what holds it: "
+                    "its finalizers and status.conditions)"
                 ) from None
 
     def _cleanup(self, restored: RestoredNamespaces) -> None:
@@ -489,7 +502,8 @@ def counted_resources(template: dict[str, Any]) -> tuple[str, ...]:
 def data_counts(
     kube: KubernetesClient, namespace: str, resources: tuple[str, ...], label_selector: str | None = None
 ) -> dict[str, int]:
-    """How many of each data resource ``namespace`` holds that Velero backs up (not labelled excluded)."""
+    """How many of each data resource ``namespace`` holds that Velero backs up (not labelled excluded),
+    leaving out what the cluster makes in every namespace: a scratch namespace has those too, restored or not."""
     listed = {
         "persistentvolumeclaims": lambda: kube.list("v1", "PersistentVolumeClaim", namespace,
                                                     label_selector=label_selector),
@@ -497,8 +511,15 @@ def data_counts(
         "secrets": lambda: kube.list("v1", "Secret", namespace, label_selector=label_selector),
     }
     return {resource: sum(1 for obj in listed[resource]()
-                          if ((obj.get("metadata") or {}).get("labels") or {}).get(EXCLUDE_LABEL) != "true")
+                          if ((obj.get("metadata") or {}).get("labels") or {}).get(EXCLUDE_LABEL) != "true"
+                          and not _made_by_the_cluster(resource, obj))
             for resource in resources}
+
+
+def _made_by_the_cluster(resource: str, obj: dict[str, Any]) -> bool:
+    if resource == "configmaps":
+        return (obj.get("metadata") or {}).get("name") == ROOT_CA_CONFIGMAP
+    return resource == "secrets" and obj.get("type") == SERVICE_ACCOUNT_TOKEN
 
 
 def _selector(template: dict[str, Any]) -> str | None:
