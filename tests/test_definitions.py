@@ -123,8 +123,15 @@ def test_release_without_aws_names_the_missing_setting(no_cluster_or_aws):
     assert "AWS_ACCESS_KEY_ID" in error_text(result)
 
 
-def test_layer_plan_then_apply_then_checks_on_the_fake_cluster(kubeconfig_path, kube_api, monkeypatch):
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig_path))
+STORAGE_OBJECTS = [("storage.k8s.io/v1", "StorageClass", name) for name in ("fast-ssd", "standard-ssd", "backup-hdd")] + [
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass", "ebs-snapshots")]
+
+
+def test_layer_plan_then_apply_then_checks_on_the_real_server(kube_cluster, kube_crds, tmp_path, monkeypatch):
+    """As the infra identity; the layer's cluster-scoped objects removed first (another test may have applied them)."""
+    for api_version, kind, name in STORAGE_OBJECTS:
+        kube_cluster.delete_object(api_version, kind, name)
+    monkeypatch.setenv("KUBECONFIG", str(kube_cluster.write_kubeconfig(tmp_path / "kubeconfig", "ops-platform-infra")))
     defs = build_definitions(SPEC, "local")
     assets_and_checks = [defs.get_assets_def(layer_key("storage")),
                          *[c for c in defs.asset_checks if any(k.asset_key == layer_key("storage") for k in c.check_keys)]]
@@ -134,7 +141,7 @@ def test_layer_plan_then_apply_then_checks_on_the_fake_cluster(kubeconfig_path, 
                           run_config={"ops": {"infra__storage": {"config": {"plan": True}}}})
     assert plan.success
     assert plan.asset_materializations_for_node("infra__storage") == []
-    assert kube_api.get_object("storage.k8s.io/v1", "storageclasses", "fast-ssd") is None
+    assert kube_cluster.get_object("storage.k8s.io/v1", "StorageClass", "fast-ssd") is None
     observation = next(e for e in plan.all_events if e.event_type_value == "ASSET_OBSERVATION")
     assert observation.event_specific_data.asset_observation.metadata["created"].value >= 3
 
@@ -142,7 +149,7 @@ def test_layer_plan_then_apply_then_checks_on_the_fake_cluster(kubeconfig_path, 
     assert applied.success
     [event] = applied.asset_materializations_for_node("infra__storage")
     assert event.metadata["created"].value >= 3
-    assert kube_api.get_object("storage.k8s.io/v1", "storageclasses", "fast-ssd") is not None
+    assert kube_cluster.get_object("storage.k8s.io/v1", "StorageClass", "fast-ssd") is not None
     checks = {e.check_name: e for e in applied.get_asset_check_evaluations()}
     assert checks["drift"].passed
     assert checks["storage_classes_present"].passed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,11 @@ from ops_platform.backups.catalog import BackupCatalog
 from ops_platform.backups.drivers import DriverServices
 from ops_platform.backups.elasticsearch_snapshot import ElasticsearchSnapshotDriver
 from ops_platform.backups.milvus_backup import MilvusBackupDriver, MilvusRestCollections
-from ops_platform.backups.preflight import preflight_live, preflight_static, require_preflight
+from ops_platform.backups.preflight import (
+    preflight_live,
+    preflight_static,
+    require_preflight,
+)
 from ops_platform.backups.redis_rdb import RedisRdbDriver
 from ops_platform.backups.restore_target import SCRATCH_MARK_FILE
 from ops_platform.backups.restore_test import run_restore_test
@@ -33,7 +38,6 @@ from ops_platform.resources.kubernetes import KubernetesClient, KubernetesResour
 from ops_platform.resources.object_store import LocalObjectStore
 from ops_platform.spec import DEFAULT_SPEC_PATH, Datastore, SpecError, load_spec
 from tests.fakes.elasticsearch import ElasticsearchFake
-from tests.fakes.kube_api import KubeApiServer
 from tests.fakes.milvus_backup import MilvusBackupFake
 from tests.fixtures.backup_sources import redis_backup_source  # noqa: F401
 
@@ -354,36 +358,40 @@ def test_milvus_live_preflight(milvus: MilvusBackupFake) -> None:
 
 
 @pytest.fixture
-def kube(kubeconfig_path: Path, kube_api: KubeApiServer) -> KubernetesClient:
-    from tests.test_backup_velero import SCHEDULE, crd
+def kube(kube_cluster, kube_crds, tmp_path: Path) -> Iterator[tuple[KubernetesClient, str]]:
+    """The code location's identity on the real server; Velero's namespace and its Schedule made as admin."""
+    velero = f"velero-{uuid.uuid4().hex[:6]}"
+    kube_cluster.create_namespace(velero)
+    kube_cluster.put_object({"apiVersion": "velero.io/v1", "kind": "Schedule",
+                             "metadata": {"name": "onto-cluster-daily", "namespace": velero},
+                             "spec": {"schedule": "0 3 * * *", "template": {
+                                 "includedNamespaces": ["ontology-editor", "data"], "snapshotVolumes": True}}})
+    client = KubernetesResource(kubeconfig=str(kube_cluster.write_kubeconfig(tmp_path / "kubeconfig"))).get_client()
+    yield client, velero
+    kube_cluster.delete_object("v1", "Namespace", velero)
+    kube_cluster.delete_object("v1", "Namespace", f"{velero}-restore-data")
 
-    client = KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake").get_client()
-    client.apply(crd("Schedule", "schedules"))
-    for namespace in ("velero", "ontology-editor", "data"):
-        client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    client.apply(SCHEDULE)
-    return client
 
-
-def velero_store(schedule: str = "onto-cluster-daily") -> Datastore:
+def velero_store(velero: str, schedule: str = "onto-cluster-daily") -> Datastore:
     return Datastore.model_validate({
         "name": "cluster_state", "engine": "velero", "method": "velero",
-        "connection": {"namespace": "velero"},
+        "connection": {"namespace": velero},
         "velero": {"schedule": schedule, "included_namespaces": ["ontology-editor", "data"]},
-        "restore_test": {"target": {"namespace": "velero-restore-test"}},
+        "restore_test": {"target": {"namespace": f"{velero}-restore"}},
     })
 
 
-def test_velero_live_preflight(kube: KubernetesClient, kube_api: KubeApiServer) -> None:
-    driver = VeleroBackupDriver(kube)
-    [problem] = preflight_live(velero_store("onto-cluster-hourly"), driver)
-    assert problem.startswith("velero.schedule: no Schedule 'onto-cluster-hourly' in namespace velero")
+def test_velero_live_preflight(kube, kube_cluster) -> None:
+    client, velero = kube
+    driver = VeleroBackupDriver(client)
+    [problem] = preflight_live(velero_store(velero, "onto-cluster-hourly"), driver)
+    assert problem.startswith(f"velero.schedule: no Schedule 'onto-cluster-hourly' in namespace {velero}")
 
-    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "velero-restore-test-data"}})
-    [problem] = preflight_live(velero_store(), driver)
-    assert problem.startswith("restore_test.target.namespace: scratch namespace velero-restore-test-data exists and "
+    scratch = f"{velero}-restore-data"
+    kube_cluster.create_namespace(scratch)  # someone else's namespace where the restore test would write
+    [problem] = preflight_live(velero_store(velero), driver)
+    assert problem.startswith(f"restore_test.target.namespace: scratch namespace {scratch} exists and "
                               "was not made by a restore test of 'cluster_state'")
 
-    kube.apply({"apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": "velero-restore-test-data", "labels": {RESTORE_TEST_LABEL: "cluster_state"}}})
-    assert preflight_live(velero_store(), driver) == []
+    kube_cluster.create_namespace(scratch, {RESTORE_TEST_LABEL: "cluster_state"})
+    assert preflight_live(velero_store(velero), driver) == []

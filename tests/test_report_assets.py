@@ -111,17 +111,10 @@ def test_renewal_window_findings_are_warnings(no_cluster, tls_ca, tls_server, tm
     assert "renew_before_days is 21" in expiry.description
 
 
-@pytest.mark.parametrize(
-    ("status", "said"),
-    [(403, "was refused (403 Forbidden: injected failure 403)"), (500, "failed (500 Internal Server Error)")],
-)
-def test_a_cluster_that_refuses_or_errs_fails_every_check_and_the_run(
-    no_cluster, kube_api, kubeconfig_path, status, said
-):
-    kube_api.fail_next("GET", r"^/api/v1/secrets", status)
-    instance = dg.DagsterInstance.ephemeral()
-    result = run_inventory(with_endpoints(), instance, KubernetesResource(kubeconfig=str(kubeconfig_path),
-                                                                          context="fake"))
+NO_SECRETS = [{"apiGroups": ["cert-manager.io"], "resources": ["certificates"], "verbs": ["get", "list", "watch"]}]
+
+
+def _assert_failed_every_check(result, said: str) -> None:
     assert not result.success
     assert result.asset_materializations_for_node("certificates__inventory") == []
     checks = checks_of(result)
@@ -133,6 +126,23 @@ def test_a_cluster_that_refuses_or_errs_fails_every_check_and_the_run(
     message = failure_of(result)
     assert message.startswith("certificate inventory failed: kubernetes: list") and said in message
     assert message.count("certificate inventory failed") == 1
+
+
+def test_a_cluster_that_refuses_fails_every_check_and_the_run(no_cluster, kube_cluster, tmp_path):
+    """A real 403: the identity's RBAC lacks list on Secrets."""
+    kube_cluster.other_identity("no-secrets", NO_SECRETS)
+    kubeconfig = kube_cluster.write_kubeconfig(tmp_path / "kubeconfig", "no-secrets")
+    result = run_inventory(with_endpoints(), dg.DagsterInstance.ephemeral(),
+                           KubernetesResource(kubeconfig=str(kubeconfig)))
+    _assert_failed_every_check(result, "was refused (403 Forbidden: secrets is forbidden")
+
+
+def test_a_cluster_that_errs_fails_every_check_and_the_run_fake_injects_500(no_cluster, kube_api, kubeconfig_path):
+    """On the fake: the real server cannot be made to answer 500 on demand."""
+    kube_api.fail_next("GET", r"^/api/v1/secrets", 500)
+    result = run_inventory(with_endpoints(), dg.DagsterInstance.ephemeral(),
+                           KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake"))
+    _assert_failed_every_check(result, "failed (500 Internal Server Error)")
 
 
 def test_an_unreadable_trust_roots_file_fails_the_inventory_with_the_setting(no_cluster, tmp_path, monkeypatch):
@@ -353,13 +363,13 @@ def test_backups_are_judged_by_their_newest_passed_check_against_the_datastores_
 
 
 def test_a_failed_inventory_run_fails_the_certificate_control(
-    no_cluster, report_spec, tls_ca, tls_server, kube_api, kubeconfig_path, tmp_path, monkeypatch
+    no_cluster, report_spec, tls_ca, tls_server, kube_cluster, tmp_path, monkeypatch
 ):
     now = datetime.now(UTC)
     server = tls_server(tls_ca.issue(["127.0.0.1"], ip_addresses=["127.0.0.1"], days=90))
     trust(tls_ca, tmp_path, monkeypatch)
     instance = dg.DagsterInstance.ephemeral()
-    kubernetes = KubernetesResource(kubeconfig=str(kubeconfig_path), context="fake")
+    kubernetes = KubernetesResource(kubeconfig=str(kube_cluster.write_kubeconfig(tmp_path / "kubeconfig")))
     spec = report_spec.model_copy(update={"certificates": report_spec.certificates.model_copy(
         update={"endpoints": [server.endpoint()]})})
     reports = Reports(spec, instance, tmp_path / "store", now)
@@ -370,8 +380,9 @@ def test_a_failed_inventory_run_fails_the_certificate_control(
     assert certificate.name == server.endpoint() and 89.9 < certificate.days_left < 90.1
     assert certificate.not_before is not None and certificate.not_after is not None
 
-    kube_api.fail_next("GET", r"^/api/v1/secrets", 403)
-    refused = run_inventory(spec, instance, kubernetes)
+    kube_cluster.other_identity("no-secrets", NO_SECRETS)  # the cluster's RBAC changed: a real 403
+    refused = run_inventory(spec, instance, KubernetesResource(
+        kubeconfig=str(kube_cluster.write_kubeconfig(tmp_path / "short-kubeconfig", "no-secrets"))))
     assert not refused.success
     finding = reports.failing()[("OPS-CERT-001", "Certificate inventory")]
     assert finding["message"].startswith("the latest certificate inventory run failed: not judged: "
