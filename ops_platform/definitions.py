@@ -34,7 +34,7 @@ def build_definitions(spec: Spec, environment: str) -> dg.Definitions:
         assets=build_assets(spec),
         # No standalone checks: every check is declared on its asset and yielded by the run that did the work.
         asset_checks=releases.build_release_checks(spec),
-        jobs=[*backup_jobs, *playbook_jobs],
+        jobs=[*infra.build_layer_jobs(spec), *backup_jobs, *playbook_jobs],
         sensors=[
             *image_tag_sensors.build_image_tag_sensor(spec, environment),
             *promotion_sensors.build_promotion_sensor(spec, environment),

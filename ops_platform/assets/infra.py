@@ -12,9 +12,26 @@ checked against the live cluster as it stands. When the apply fails (an error,
 or objects not ready) every check fails with the reason and the run fails. A
 check that cannot be evaluated after a good apply (the API server went away)
 fails with the reason; the apply still materializes, since it happened.
+
+A field another field manager owns (an autoscaler's replicas) fails the apply
+with both named and nothing changed; run config ``force_conflicts: true``
+takes such fields over.
+
+Layer runs run as the ServiceAccount ``ops-platform-infra``
+(infra/dagster/rbac.yaml), every other run as ``ops-platform``: the K8sRunLauncher
+reads the run tag ``dagster-k8s/config`` (run tags only, never op or asset
+tags), which the job :data:`INFRA_JOB` carries for every run launched from it,
+by hand, schedule or sensor. Its name sorts before ``__ASSET_JOB``: the UI's
+Materialize button launches the first job (by name) that every selected
+asset is in, so materializing layers from the asset graph launches this job too.
+A selection that mixes layers with other assets has only ``__ASSET_JOB`` in
+common: in a pod such a run is refused before it applies anything, rather
+than half-applying a layer as ``ops-platform`` until the first 403.
 """
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -28,17 +45,55 @@ from ops_platform.metadata import table
 from ops_platform.resources.kubernetes import KubernetesClient, KubernetesResource
 from ops_platform.spec import Layer, Spec
 
+if TYPE_CHECKING:
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
 DRIFT_CHECK = "drift"
 DESCRIPTION_MAX_CHARS = 2000
+INFRA_SERVICE_ACCOUNT = "ops-platform-infra"
+K8S_CONFIG_TAG = "dagster-k8s/config"  # dagster_k8s.job.USER_DEFINED_K8S_CONFIG_KEY
+INFRA_RUN_TAGS = {K8S_CONFIG_TAG: json.dumps({"pod_spec_config": {"service_account_name": INFRA_SERVICE_ACCOUNT}})}
+# Upper case sorts before "__ASSET_JOB": the job the UI launches for a Materialize of layers.
+INFRA_JOB = "INFRA_layers"
 
 
 class LayerConfig(dg.Config):
     plan: bool = False  # server-side dry run: show what would change, change nothing
     wait_timeout_seconds: float = 900.0
+    force_conflicts: bool = False  # take over fields other field managers own instead of failing
 
 
 def build_layer_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     return [_layer_asset(spec, layer) for layer in spec.layers_in_order()]
+
+
+def build_layer_jobs(spec: Spec) -> "list[UnresolvedAssetJobDefinition]":
+    """The job of every layer run: its tags make the run pod run as ``ops-platform-infra``."""
+    return [
+        dg.define_asset_job(
+            INFRA_JOB,
+            selection=dg.AssetSelection.assets(*(layer_key(layer.name) for layer in spec.layers_in_order())),
+            description="Apply the infra layers (run config `plan: true`: a dry run) as the ServiceAccount "
+            f"{INFRA_SERVICE_ACCOUNT}.",
+            tags=INFRA_RUN_TAGS,
+        )
+    ]
+
+
+def runs_as_infra(tags: Mapping[str, str]) -> bool:
+    """Whether a run with these tags runs, under the K8sRunLauncher, as :data:`INFRA_SERVICE_ACCOUNT`."""
+    try:
+        config = json.loads(tags.get(K8S_CONFIG_TAG) or "{}")
+    except ValueError:
+        return False
+    return (config.get("pod_spec_config") or {}).get("service_account_name") == INFRA_SERVICE_ACCOUNT
+
+
+def wrong_identity() -> str:
+    return (f"refused before applying anything: this run pod runs as the launcher's ServiceAccount, not "
+            f"{INFRA_SERVICE_ACCOUNT} (the run has no tag {K8S_CONFIG_TAG} naming it, so it was not launched "
+            f"from job {INFRA_JOB}: a selection mixing layers with other assets launches __ASSET_JOB); "
+            f"launch job {INFRA_JOB}, or materialize layers only")
 
 
 def layer_metadata(result: LayerResult) -> dict[str, object]:
@@ -129,9 +184,12 @@ def _layer_asset(spec: Spec, layer: Layer) -> dg.AssetsDefinition:
         prefix = f"layer '{layer.name}'" + (" plan" if config.plan else "")
         try:
             with known_errors(prefix):
+                if kubernetes.uses_pod_service_account() and not runs_as_infra(context.run.tags):
+                    raise failure(prefix, wrong_identity())
                 kube = kubernetes.get_client()
                 objects = load_layer_manifests(layer.manifests)
-                result = apply_layer(kube, objects, plan=config.plan, wait_timeout=config.wait_timeout_seconds)
+                result = apply_layer(kube, objects, plan=config.plan, wait_timeout=config.wait_timeout_seconds,
+                                     force=config.force_conflicts)
                 metadata = layer_metadata(result)
                 if result.not_ready:
                     raise failure(prefix, f"{len(result.not_ready)} object(s) not ready: " + "; ".join(

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,8 +45,20 @@ class KindNotServed(KubernetesError):
     """The cluster's discovery does not know the kind (its CRD is not installed)."""
 
 
+class NamespaceNotFound(KubernetesError):
+    """An apply into a namespace that does not exist (the API server answered 404)."""
+
+
 class WaitTimeout(KubernetesError):
-    """An object did not reach a condition within the time allowed."""
+    """An object did not reach a condition within the time allowed; ``last`` is the object as last seen."""
+
+    def __init__(self, message: str, last: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.last = last
+
+
+class WaitFailed(WaitTimeout):
+    """An object reached a state its condition says it will not recover from (a rollout past its deadline)."""
 
 
 @dataclass(frozen=True)
@@ -76,11 +88,17 @@ class FieldConflict(KubernetesError):
 class Condition:
     """What to wait for: a description for people and a predicate on the object.
 
-    The predicate receives the object as a dict, or None while it does not exist.
+    The predicates receive the object as a dict, or None while it does not exist.
+    ``fails``, when given, ends the wait early: the object will not get there
+    (a Deployment whose rollout exceeded its progress deadline).
     """
 
     description: str
     holds: Callable[[dict[str, Any] | None], bool]
+    fails: Callable[[dict[str, Any] | None], bool] | None = None
+
+    def failed(self, obj: dict[str, Any] | None) -> bool:
+        return self.fails is not None and self.fails(obj)
 
 
 def condition_true(condition_type: str) -> Condition:
@@ -109,9 +127,12 @@ def status_condition(obj: dict[str, Any], condition_type: str) -> str | None:
 
 @dataclass(frozen=True)
 class ApplyResult:
+    """What the server answered to an apply; ``before`` is the live object it was applied to (None: created)."""
+
     object: dict[str, Any]
     action: Literal["created", "changed", "unchanged"]
     dry_run: bool
+    before: dict[str, Any] | None = None
 
 
 def describe(api_version: str, kind: str, name: str, namespace: str | None) -> str:
@@ -139,6 +160,7 @@ class KubernetesClient:
         self.request_timeout = request_timeout
         self.clock = clock
         self._dynamic: DynamicClient | None = None
+        self._kinds: dict[tuple[str, str], Any] = {}
 
     @property
     def host(self) -> str:
@@ -151,7 +173,8 @@ class KubernetesClient:
 
             cache_file = _discovery_cache_file(self.host)
             self._dynamic = self._call(
-                "discover the API", lambda: DynamicClient(self.api_client, cache_file=cache_file)
+                "discover the API",
+                lambda: DynamicClient(self.api_client, cache_file=cache_file, discoverer=_memory_discoverer()),
             )
         return self._dynamic
 
@@ -159,8 +182,11 @@ class KubernetesClient:
         """The discovered API resource of a kind; a clear error when the cluster does not serve it."""
         from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+        found = self._kinds.get((api_version, kind))
+        if found is not None:
+            return found
         try:
-            return self._call(
+            found = self._call(
                 f"discover {kind} ({api_version})",
                 lambda: self.dynamic.resources.get(api_version=api_version, kind=kind),
             )
@@ -169,6 +195,9 @@ class KubernetesClient:
                 f"kubernetes: the cluster at {self.host} does not serve kind {kind} in "
                 f"{api_version} (is its CustomResourceDefinition installed?)"
             ) from None
+        # Only kinds found are kept: a kind that goes away answers 404, said as KindNotServed.
+        self._kinds[(api_version, kind)] = found
+        return found
 
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None = None
@@ -177,11 +206,17 @@ class KubernetesClient:
         try:
             found = self._call(
                 f"get {describe(api_version, kind, name, namespace)}",
-                lambda: resource.get(name=name, namespace=namespace, _request_timeout=self.request_timeout),
+                lambda: self.dynamic.get(resource, name=name, namespace=namespace, serialize=False,
+                                         _request_timeout=self.request_timeout),
             )
-        except _NotFound:
+        except _NotFound as missing:
+            if missing.kind_gone:
+                raise KindNotServed(
+                    f"kubernetes: get {describe(api_version, kind, name, namespace)} at {self.host} answered 404: "
+                    "the cluster no longer serves the kind (was its CustomResourceDefinition removed?)"
+                ) from None
             return None
-        return found.to_dict()
+        return _json(found)
 
     def list(
         self,
@@ -197,19 +232,23 @@ class KubernetesClient:
         try:
             found = self._call(
                 f"list {kind} ({api_version})",
-                lambda: resource.get(
+                lambda: self.dynamic.get(
+                    resource,
                     namespace=namespace,
                     label_selector=label_selector,
                     field_selector=field_selector,
+                    serialize=False,
                     _request_timeout=self.request_timeout,
                 ),
             )
         except _NotFound:
-            raise KubernetesError(
-                f"kubernetes: listing {kind} ({api_version}){where} at {self.host} answered 404 "
-                "(does the namespace exist?)"
+            # Listing in a namespace that does not exist answers an empty list; a 404 means the
+            # kind went away after discovery.
+            raise KindNotServed(
+                f"kubernetes: listing {kind} ({api_version}){where} at {self.host} answered 404: the "
+                "cluster no longer serves the kind (was its CustomResourceDefinition removed?)"
             ) from None
-        return [item.to_dict() if hasattr(item, "to_dict") else dict(item) for item in found.items]
+        return _items(_json(found))
 
     def apply(
         self, manifest: dict[str, Any], *, dry_run: bool = False, force: bool = True
@@ -218,6 +257,7 @@ class KubernetesClient:
 
         ``force`` takes over fields another field manager owns with another value; without it
         the server refuses and :class:`FieldConflict` names the fields and their managers.
+        An apply into a namespace that does not exist raises :class:`NamespaceNotFound`.
         """
         api_version, kind, name, namespace = _identity(manifest)
         resource = self.kind(api_version, kind)
@@ -235,11 +275,13 @@ class KubernetesClient:
                     field_manager=self.field_manager,
                     force_conflicts=force,
                     dry_run="All" if dry_run else None,
+                    serialize=False,
                     _request_timeout=self.request_timeout,
                 ),
-            ).to_dict()
+            )
+            applied = _json(applied)
         except _NotFound:
-            raise KubernetesError(
+            raise NamespaceNotFound(
                 f"kubernetes: apply {describe(api_version, kind, name, namespace)} answered 404 "
                 "(does its namespace exist?)"
             ) from None
@@ -249,7 +291,7 @@ class KubernetesClient:
             action = "unchanged"
         else:
             action = "changed"
-        return ApplyResult(applied, action, dry_run)
+        return ApplyResult(applied, action, dry_run, before)
 
     def patch_status(
         self,
@@ -270,10 +312,11 @@ class KubernetesClient:
                 body={"status": status},
                 content_type="application/merge-patch+json",
                 field_manager=self.field_manager,
+                serialize=False,
                 _request_timeout=self.request_timeout,
             ),
         )
-        return patched.to_dict()
+        return _json(patched)
 
     def delete(
         self,
@@ -310,7 +353,8 @@ class KubernetesClient:
         *,
         timeout: float,
     ) -> dict[str, Any] | None:
-        """Block until ``condition`` holds for the object, or raise :class:`WaitTimeout`.
+        """Block until ``condition`` holds for the object, or raise :class:`WaitTimeout`
+        (:class:`WaitFailed` as soon as the condition says it never will).
 
         Watches the object (re-listing after each watch window) so a change is
         seen as soon as the server reports it.
@@ -322,17 +366,27 @@ class KubernetesClient:
         while True:
             if condition.holds(current):
                 return current
+            if condition.failed(current):
+                raise WaitFailed(
+                    f"kubernetes: {what} will not {condition.description}: {_summary(current)}", current
+                )
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise WaitTimeout(
                     f"kubernetes: timed out after {timeout:g} s waiting for {what} to "
-                    f"{condition.description}; last seen: {_summary(current)}"
+                    f"{condition.description}; last seen: {_summary(current)}",
+                    current,
                 )
-            for event_type, obj in self._watch(resource, name, namespace, remaining):
-                current = None if event_type == "DELETED" else obj
-                if condition.holds(current):
-                    return current
-            current = self.get(api_version, kind, name, namespace)
+            events = self._watch(resource, name, namespace, remaining)
+            try:
+                for event_type, obj in events:
+                    current = None if event_type == "DELETED" else obj
+                    if condition.holds(current) or condition.failed(current):
+                        break
+                else:
+                    current = self.get(api_version, kind, name, namespace)
+            finally:
+                events.close()
 
     def _watch(
         self, resource: Any, name: str, namespace: str | None, remaining: float
@@ -341,15 +395,16 @@ class KubernetesClient:
         from kubernetes import watch as k8s_watch
         from kubernetes.client.exceptions import ApiException
 
-        listing = self._call(
+        listing = _json(self._call(
             f"list {resource.kind}",
-            lambda: resource.get(namespace=namespace, field_selector=f"metadata.name={name}"),
-        )
-        resource_version = listing.metadata.resourceVersion
+            lambda: self.dynamic.get(resource, namespace=namespace, field_selector=f"metadata.name={name}",
+                                     serialize=False),
+        ))
+        resource_version = (listing.get("metadata") or {}).get("resourceVersion")
         # The state as of the listing: a change between the caller's last read and this list would
         # otherwise never be reported (the watch starts after it) and the wait would sit out a window.
-        items = listing.items or []
-        yield ("MODIFIED", items[0].to_dict()) if items else ("DELETED", {})
+        items = _items(listing)
+        yield ("MODIFIED", items[0]) if items else ("DELETED", {})
         # The server closes the watch after `window` seconds, before the read timeout.
         window = max(1, min(int(remaining + 0.999), int(self.request_timeout) - 1, 60))
         watcher = k8s_watch.Watch()
@@ -381,7 +436,7 @@ class KubernetesClient:
             return request()
         except ApiException as exc:
             if exc.status == 404:
-                raise _NotFound(action) from None
+                raise _NotFound(action, exc) from None
             raise self._translate(exc, action) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._unreachable(exc) from None
@@ -398,6 +453,9 @@ class KubernetesClient:
                 conflicts,
             )
         if exc.status in (401, 403):
+            if exc.status == 403 and action.startswith("apply ") and message.rstrip().endswith("forbidden:"):
+                # The server checks `create` after `patch` when an apply would create the object, and says nothing.
+                message = message.rstrip() + " (an apply that creates the object needs the verb create besides patch)"
             return KubernetesError(
                 f"kubernetes: {action} was refused ({exc.status} {exc.reason}: {message}); "
                 f"check the credentials and RBAC of the identity in {CLUSTER_SETTING}"
@@ -409,8 +467,31 @@ class KubernetesClient:
         return ServerUnreachableError("kubernetes API", self.host, CLUSTER_SETTING, reason)
 
 
+def _json(response: Any) -> dict[str, Any]:
+    """The JSON of a raw answer: the dynamic client's ResourceInstance would only be turned back into it."""
+    import json
+
+    return json.loads(response.data)
+
+
+def _items(listing: dict[str, Any]) -> list[dict[str, Any]]:
+    """A list's items with their apiVersion and kind, which the server leaves out of built-in lists."""
+    kind = str(listing.get("kind", "")).removesuffix("List")
+    return [{"apiVersion": listing.get("apiVersion"), "kind": kind, **item} for item in listing.get("items") or []]
+
+
 class _NotFound(Exception):
-    pass
+    def __init__(self, action: str, exc: ApiException) -> None:
+        super().__init__(action)
+        import json
+
+        try:
+            status = json.loads(exc.body)
+        except (TypeError, ValueError):
+            status = {}
+        details = (status.get("details") if isinstance(status, dict) else None) or {}
+        # A missing object's 404 names it; a path the server does not serve (a kind gone) names nothing.
+        self.kind_gone = not details.get("name")
 
 
 def _default_request_timeout(api_client: k8s_client.ApiClient, seconds: float) -> None:
@@ -446,6 +527,54 @@ def _comparable(obj: dict[str, Any]) -> dict[str, Any]:
     metadata = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in _SERVER_FIELDS}
     rest = {k: v for k, v in obj.items() if k not in ("metadata", "status")}
     return {"metadata": metadata, **rest}
+
+
+FieldPath = Sequence[str | Mapping[str, Any]]
+
+
+def field_managers(obj: dict[str, Any], path: FieldPath) -> list[str]:
+    """The field managers that own ``path`` of ``obj``, read from its ``metadata.managedFields``.
+
+    ``path`` is a sequence of map keys and, for an item of a list keyed by
+    fields (containers by name, ports by port and protocol), a mapping with
+    some of its keys: ``("spec", "template", "spec", "containers", {"name":
+    "app"}, "image")``. A manager owns the path when its field set holds it,
+    or holds an ancestor as a whole (an atomic map or list).
+    """
+    managers = []
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        if _owns(entry.get("fieldsV1") or {}, list(path)):
+            managers.append(str(entry.get("manager", "?")))
+    return managers
+
+
+def _owns(fields: Mapping[str, Any], path: list[str | Mapping[str, Any]]) -> bool:
+    import json
+
+    node: Mapping[str, Any] = fields
+    for segment in path:
+        if not node:  # an atomic field: its manager owns all of it
+            return True
+        if isinstance(segment, Mapping):
+            found = None
+            for key, child in node.items():
+                if not key.startswith("k:"):
+                    continue
+                item_keys = json.loads(key[2:])
+                if all(item_keys.get(name) == value for name, value in segment.items() if name in item_keys) and any(
+                    name in item_keys for name in segment
+                ):
+                    found = child
+                    break
+            if found is None:
+                return False
+            node = found
+        else:
+            child = node.get(f"f:{segment}")
+            if child is None:
+                return False
+            node = child
+    return True
 
 
 def _summary(obj: dict[str, Any] | None) -> str:
@@ -497,11 +626,25 @@ def _field_conflicts(exc: ApiException) -> tuple[FieldOwner, ...]:
     return tuple(conflicts)
 
 
+def _memory_discoverer() -> type:
+    from kubernetes.dynamic.discovery import LazyDiscoverer
+
+    class MemoryDiscoverer(LazyDiscoverer):
+        """Discovery kept in memory: the official client rewrites its whole JSON cache file at each
+        newly discovered group (a tenth of a second each with a platform's CRDs), a file that no
+        other client reads (see :func:`_discovery_cache_file`)."""
+
+        def _write_cache(self) -> None:
+            pass
+
+    return MemoryDiscoverer
+
+
 _CACHE_DIR: Path | None = None
 
 
 def _discovery_cache_file(host: str) -> str:
-    """A discovery cache private to one client, so no stale file of another client or run is read."""
+    """A discovery cache path private to one client, so no stale file of another client or run is read."""
     global _CACHE_DIR
     if _CACHE_DIR is None:
         _CACHE_DIR = Path(tempfile.mkdtemp(prefix="ops-platform-kube-"))
@@ -534,9 +677,14 @@ class KubernetesResource(dg.ConfigurableResource):
     def get_client(self) -> KubernetesClient:
         return KubernetesClient(self._api_client(), request_timeout=self.request_timeout)
 
+    def uses_pod_service_account(self) -> bool:
+        """Whether the client will act as the pod's ServiceAccount (in a pod, without a kubeconfig)."""
+        if self.in_cluster is not None:
+            return self.in_cluster
+        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not self.kubeconfig
+
     def _api_client(self) -> k8s_client.ApiClient:
-        in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        use_in_cluster = self.in_cluster if self.in_cluster is not None else (in_pod and not self.kubeconfig)
+        use_in_cluster = self.uses_pod_service_account()
         if not use_in_cluster:
             # Before importing the client (~0.75 s): without a kubeconfig there is nothing to import it for.
             # The client's own default (kubernetes.config.KUBE_CONFIG_DEFAULT_LOCATION).
