@@ -671,3 +671,22 @@ def test_the_alertmanager_configuration_template_is_valid(all_objects, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     receivers = {r["name"] for r in yaml.safe_load(rendered)["receivers"]}
     assert {"slack-platform", "pagerduty-platform"} <= receivers
+
+
+def test_pss_constraints_cover_the_app_namespaces_with_the_reports_exceptions_only(layers):
+    pss = {d.obj["metadata"]["name"]: d.obj["spec"]["match"] for d in layers["governance"]
+           if d.obj["kind"].startswith("K8sPSS")}
+    assert len(pss) == 8
+    operators = {"strimzi.io/cluster": ["onto-kafka"],
+                 "app.kubernetes.io/instance": ["onto-milvus", "onto-milvus-etcd"],
+                 "release": ["onto-milvus-minio"],
+                 "elasticsearch.k8s.elastic.co/cluster-name": ["onto"], "kibana.k8s.elastic.co/name": ["onto"]}
+    fluent_bit = {"app.kubernetes.io/name": ["fluent-bit"]}
+    for name, match in pss.items():
+        assert match["namespaces"] == APP_NAMESPACES, name
+        excluded = {e["key"]: e["values"] for e in match["labelSelector"]["matchExpressions"]}
+        assert all(e["operator"] == "NotIn" for e in match["labelSelector"]["matchExpressions"]), name
+        # Fluent Bit: exceptions OPS-PSS-002/012 (hostPath) and OPS-WL-001 (root) only.
+        wanted = {**operators, **fluent_bit} if name in {"app-pods-restricted-volumes",
+                                                          "app-pods-run-as-non-root"} else operators
+        assert excluded == wanted, name
