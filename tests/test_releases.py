@@ -337,7 +337,9 @@ def test_crashing_rollout_that_outlasts_the_wait_rolls_back(
 
     reason = failure.value.reason
     assert reason.startswith("not available after 2 s: ") and re.search(r"\b[1-9]\d* unavailable", reason)
-    assert "is progressing" in reason, "the last condition's message is reported"
+    # The controller's own words, which change as it goes ('Created new replica set ...', then
+    # 'ReplicaSet ... is progressing.'): the last condition and its message are reported.
+    assert re.search(r"last condition Progressing=True: .*(?i:replica ?set)", reason), reason
     assert failure.value.rollback is not None and failure.value.rollback.revision == "1"
     kube_cluster.wait_for("the crashing ReplicaSet scaled to 0", lambda: all(
         rs["spec"]["replicas"] == 0 for rs in replicasets(kube_cluster, ns) if image_ref(rs) == digest_of(BROKEN)))
