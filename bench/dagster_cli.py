@@ -82,12 +82,12 @@ class DagsterCli:
     def command(self, select: str) -> list[str]:
         return [str(DAGSTER), "asset", "materialize", "-m", DEFINITIONS_MODULE, "--select", select]
 
-    def materialize(self, select: str) -> CliRun:
+    def materialize(self, select: str, command: list[str] | None = None) -> CliRun:
         """One materialization; raises with the CLI's last output when it fails."""
         started_at = time.time()
         started = time.perf_counter()
         result = subprocess.run(
-            self.command(select), cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL,
+            command or self.command(select), cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL,
             capture_output=True, text=True,
         )
         seconds = time.perf_counter() - started
@@ -97,6 +97,16 @@ class DagsterCli:
                 f"{result.stderr[-4000:]}"
             )
         return CliRun(select, seconds, started_at, time.time())
+
+
+TRIVIAL_DEFINITIONS = REPO_ROOT / "bench" / "trivial_definitions.py"
+
+
+def floor(cli: DagsterCli) -> CliRun:
+    """The same CLI, instance and environment materializing the one asset of bench/trivial_definitions.py:
+    what any `dagster asset materialize` costs on this machine, whatever the code location does."""
+    return cli.materialize("one_asset", [str(DAGSTER), "asset", "materialize", "-f", str(TRIVIAL_DEFINITIONS),
+                                         "--select", "one_asset"])
 
 
 def materialization_metadata(cli: DagsterCli, key: str) -> dict[str, object]:
