@@ -145,6 +145,13 @@ def test_status_patch_of_a_custom_resource(kube, kube_cluster, kube_crds, kube_n
     assert stored["spec"]["secretName"] == "onto-tls"
 
 
+def test_status_patch_of_an_object_deleted_meanwhile_is_a_readable_error(kube, kube_crds, kube_namespace):
+    """A 404 on the status subresource names the object (a renewal reports it failed, it does not crash)."""
+    with pytest.raises(KubernetesError, match=r"patch status of Certificate .*/gone .*: it does not exist") as error:
+        kube.patch_status("cert-manager.io/v1", "Certificate", "gone", kube_namespace, {"conditions": []})
+    assert isinstance(error.value, OpsPlatformError)
+
+
 def test_a_kind_is_served_once_its_crd_is_installed_and_not_after_it_is_removed(admin_kube, kube_cluster,
                                                                               kube_namespace, tmp_path):
     """As admin: Widget is a kind of this test alone, which no identity of rbac.yaml may read."""

@@ -304,18 +304,25 @@ class KubernetesClient:
         """Merge-patch the status subresource."""
         resource = self.kind(api_version, kind)
         path = resource.path(name=name, namespace=namespace) + "/status"
-        patched = self._call(
-            f"patch status of {describe(api_version, kind, name, namespace)}",
-            lambda: self.dynamic.request(
-                "patch",
-                path,
-                body={"status": status},
-                content_type="application/merge-patch+json",
-                field_manager=self.field_manager,
-                serialize=False,
-                _request_timeout=self.request_timeout,
-            ),
-        )
+        action = f"patch status of {describe(api_version, kind, name, namespace)}"
+        try:
+            patched = self._call(
+                action,
+                lambda: self.dynamic.request(
+                    "patch",
+                    path,
+                    body={"status": status},
+                    content_type="application/merge-patch+json",
+                    field_manager=self.field_manager,
+                    serialize=False,
+                    _request_timeout=self.request_timeout,
+                ),
+            )
+        except _NotFound as missing:
+            if missing.kind_gone:
+                raise KindNotServed(f"kubernetes: {action} failed: the cluster no longer serves {kind} "
+                                    f"({api_version})") from None
+            raise KubernetesError(f"kubernetes: {action} failed: it does not exist (deleted meanwhile?)") from None
         return _json(patched)
 
     def delete(
