@@ -55,6 +55,7 @@ from ops_platform.certificates.x509_info import (
 from ops_platform.errors import ServerUnreachableError
 from ops_platform.local_servers.process import free_port
 from ops_platform.resources.kubernetes import KubernetesResource
+from tests.fixtures.cert_manager import play_cert_manager, rfc3339
 from tests.fixtures.kube_server import KubeCluster
 from tests.fixtures.tls import CertificateAuthority
 
@@ -78,10 +79,6 @@ def chain_info(issued):
 
 def resolve_all(*hosts: str) -> dict[str, str]:
     return {host: LOOPBACK for host in hosts}
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def certificate_object(namespace, name, secret, dns_names, *, not_after=None, ready="True", revision=1,
@@ -509,46 +506,6 @@ def test_issuing_condition_is_the_one_cmctl_sets():
     certificate["status"]["conditions"] = conditions
     again = issuing_conditions(certificate, at + timedelta(hours=1))
     assert len(again) == 2 and again[1]["lastTransitionTime"] == "2026-03-01T12:00:00Z"
-
-
-def play_cert_manager(cluster, namespace, name, new_issued, *, then=None, fail=False):
-    """A thread standing in for cert-manager: on Issuing=True ManuallyTriggered, issue a new revision (or fail),
-    writing as admin the Secret and the Certificate status its controllers would write."""
-    seen: dict = {}
-
-    def controller() -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            certificate = cluster.get_object(CM, "Certificate", name, namespace)
-            issuing = [c for c in certificate["status"]["conditions"] if c["type"] == "Issuing"]
-            if issuing and issuing[0]["status"] == "True":
-                seen["issuing"] = issuing[0]
-                break
-            time.sleep(0.02)
-        else:
-            return
-        status = certificate["status"]
-        if fail:
-            conditions = [c for c in status["conditions"] if c["type"] != "Issuing"]
-            conditions.append({"type": "Issuing", "status": "False", "reason": "Failed",
-                               "message": "The certificate request has failed to complete and will be retried: "
-                                          "issuer platform-ca is not ready"})
-            cluster.set_status(CM, "Certificate", name, namespace,
-                               {**status, "conditions": conditions, "failedIssuanceAttempts": 1,
-                                "lastFailureTime": rfc3339(now())})
-            return
-        cluster.put_object(new_issued.tls_secret(namespace, certificate["spec"]["secretName"]))
-        conditions = [c for c in status["conditions"] if c["type"] != "Issuing"]
-        cluster.set_status(CM, "Certificate", name, namespace,
-                           {**status, "conditions": conditions, "revision": status["revision"] + 1,
-                            "notAfter": rfc3339(new_issued.certificate.not_valid_after_utc)})
-        if then is not None:
-            time.sleep(0.3)
-            then()
-
-    thread = threading.Thread(target=controller, daemon=True)
-    thread.start()
-    return thread, seen
 
 
 def renewal_setup(tls_ca, tls_server, cert_manager, kube, ns):

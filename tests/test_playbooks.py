@@ -9,8 +9,6 @@ server's audit log. No cert-manager runs here: :func:`play_cert_manager` plays i
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,13 +17,24 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from ops_platform.playbooks import PLAYBOOKS, PlaybookContext, PlaybookRefused, run_playbook
+from ops_platform.playbooks import (
+    PLAYBOOKS,
+    PlaybookContext,
+    PlaybookRefused,
+    run_playbook,
+)
 from ops_platform.playbooks.base import PLAYBOOK_FIELD_MANAGER
 from ops_platform.playbooks.expand_pvc import format_quantity, parse_quantity
 from ops_platform.playbooks.restart_workload import RESTARTED_AT
 from ops_platform.releases import REVISION_ANNOTATION
-from ops_platform.resources.kubernetes import FieldConflict, FieldOwner, KubernetesClient, KubernetesResource
+from ops_platform.resources.kubernetes import (
+    FieldConflict,
+    FieldOwner,
+    KubernetesClient,
+    KubernetesResource,
+)
 from ops_platform.spec import PLAYBOOKS as SPEC_PLAYBOOKS
+from tests.fixtures.cert_manager import play_cert_manager, rfc3339
 from tests.fixtures.kube_server import KubeCluster
 
 AT = datetime(2026, 3, 1, 12, 30, 0, tzinfo=UTC)
@@ -450,38 +459,6 @@ def test_quantities(quantity: str, size: int, formatted: str) -> None:
 def test_a_garbled_quantity_is_not_read() -> None:
     with pytest.raises(ValueError, match="not a Kubernetes quantity: 'lots'"):
         parse_quantity("lots")
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def play_cert_manager(kube_cluster: KubeCluster, namespace: str, name: str, new_issued: Any,
-                      timeout: float = 10.0) -> tuple[threading.Thread, dict[str, Any]]:
-    """cert-manager's part (it does not run here), as admin: on Issuing=True, issue a new revision."""
-    seen: dict[str, Any] = {}
-
-    def controller() -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            certificate = kube_cluster.get_object(CM, "Certificate", name, namespace)
-            issuing = [c for c in certificate["status"]["conditions"] if c["type"] == "Issuing"]
-            if issuing and issuing[0]["status"] == "True":
-                seen["issuing"] = issuing[0]
-                break
-            time.sleep(0.05)
-        else:
-            return
-        status = certificate["status"]
-        kube_cluster.put_object(new_issued.tls_secret(namespace, certificate["spec"]["secretName"]))
-        conditions = [c for c in status["conditions"] if c["type"] != "Issuing"]
-        kube_cluster.set_status(CM, "Certificate", name, namespace, {
-            "conditions": conditions, "revision": status["revision"] + 1,
-            "notAfter": rfc3339(new_issued.certificate.not_valid_after_utc)})
-
-    thread = threading.Thread(target=controller, name="cert-manager-stand-in", daemon=True)
-    thread.start()
-    return thread, seen
 
 
 def test_renew_certificate_triggers_cert_manager(tls_ca, kube, kube_cluster, kube_crds, kube_namespace) -> None:

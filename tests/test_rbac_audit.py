@@ -26,6 +26,7 @@ the log (:func:`derived_rules`) to paste into rbac.yaml.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ops_platform.manifests import load_layer_manifests, object_ref
+from ops_platform.manifests import load_layer_manifests, object_ref, read_manifest_documents
 from ops_platform.spec import load_spec
 from tests.fixtures import FULL_SUITE
 from tests.fixtures.kube_server import (
@@ -155,15 +156,18 @@ def derived_rules(calls: Iterable[Call]) -> list[dict[str, Any]]:
             for (group, verbs), resources in sorted(grouped.items())]
 
 
+@functools.cache
+def _crd_plurals() -> dict[tuple[str, str], str]:
+    return {(doc.obj["spec"]["group"], doc.obj["spec"]["names"]["kind"]): doc.obj["spec"]["names"]["plural"]
+            for doc in read_manifest_documents(CRD_DIR)}
+
+
 def _plural(group: str, kind: str) -> str:
-    for file in CRD_DIR.rglob("*.yaml"):
-        for doc in yaml.safe_load_all(file.read_text()):
-            if doc and doc["spec"]["group"] == group and doc["spec"]["names"]["kind"] == kind:
-                return doc["spec"]["names"]["plural"]
-    return kind.lower() + ("es" if kind.endswith("s") else "s")
+    return _crd_plurals().get((group, kind)) or kind.lower() + ("es" if kind.endswith("s") else "s")
 
 
-def untestable_on_1_20() -> set[Grant]:
+@functools.cache
+def untestable_on_1_20() -> frozenset[Grant]:
     """The infra identity's grants for the layer objects the 1.20 test server cannot take."""
     objects = [obj for layer in load_spec().layers for obj in load_layer_manifests(layer.manifests)]
     _, left_out = servable_on_1_20(objects)
@@ -176,7 +180,7 @@ def untestable_on_1_20() -> set[Grant]:
         resource = _plural(group, obj["kind"])
         verbs = ("create", "get", "patch") + (("list",) if group == "constraints.gatekeeper.sh" else ())
         grants |= {Grant(group, resource, verb) for verb in verbs}
-    return grants
+    return frozenset(grants)
 
 
 # --- what does not need the log ----------------------------------------------------------------
