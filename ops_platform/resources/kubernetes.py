@@ -191,13 +191,41 @@ class KubernetesClient:
                 lambda: self.dynamic.resources.get(api_version=api_version, kind=kind),
             )
         except ResourceNotFoundError:
-            raise KindNotServed(
-                f"kubernetes: the cluster at {self.host} does not serve kind {kind} in "
-                f"{api_version} (is its CustomResourceDefinition installed?)"
-            ) from None
+            found = self._rediscover(api_version, kind)
         # Only kinds found are kept: a kind that goes away answers 404, said as KindNotServed.
         self._kinds[(api_version, kind)] = found
         return found
+
+    def _rediscover(self, api_version: str, kind: str) -> Any:
+        """Ask the group version itself before saying a kind is not served.
+
+        The client's discovery leaves out a group version whose listing failed
+        (a busy server answering 503), so a kind it cannot find may be served.
+        """
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+        path = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+        not_served = KindNotServed(
+            f"kubernetes: the cluster at {self.host} does not serve kind {kind} in "
+            f"{api_version} (is its CustomResourceDefinition installed?)"
+        )
+        try:
+            listing = _json(self._call(f"discover {api_version}", lambda: self.dynamic.request(
+                "get", path, serialize=False, _request_timeout=self.request_timeout)))
+        except _NotFound:
+            raise not_served from None
+        if not any(resource.get("kind") == kind and "/" not in resource.get("name", "")
+                   for resource in listing.get("resources") or []):
+            raise not_served
+        self.dynamic.resources.invalidate_cache()
+        try:
+            return self._call(f"discover {kind} ({api_version})",
+                              lambda: self.dynamic.resources.get(api_version=api_version, kind=kind))
+        except ResourceNotFoundError:
+            raise KubernetesError(
+                f"kubernetes: the cluster at {self.host} lists kind {kind} in {api_version} but its discovery "
+                "does not (the server is busy or changing its APIs); try again"
+            ) from None
 
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None = None
